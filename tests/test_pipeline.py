@@ -1,0 +1,267 @@
+"""Tests for tversky_jax.data.pipeline: the grain training input pipeline."""
+
+import itertools
+import json
+
+import grain
+import numpy as np
+import pytest
+
+from tversky_jax.data import nifti, pipeline, sampling, synthetic
+
+PATCH_KW = dict(patch_shape=(16, 16, 16), divisor=8, foreground_fraction=0.5,
+                random_flip=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline") / "Dataset900_Phantoms"
+  synthetic.make_synthetic_dataset(root, num_cases=4, shape=(24, 24, 24))
+  return nifti.read_dataset(root)
+
+
+@pytest.fixture(scope="module")
+def cases(dataset):
+  return pipeline.load_training_cases(dataset, dataset.training_cases, progress=False)
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(actual, expected):
+  assert len(actual) == len(expected)
+  for a, e in zip(actual, expected):
+    assert a.keys() == e.keys() == {"image", "label"}
+    for key in a:
+      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(e[key]))
+
+
+def coded_case(case_id, shape, value):
+  """A case whose image is the constant `value` (channel 0) and 0 elsewhere."""
+  image = np.zeros((*shape, 2), np.float32)
+  image[..., 0] = value
+  return pipeline.TrainingCase.from_arrays(case_id, image, np.ones(shape, np.uint8))
+
+
+# ----------------------------------------------------------------- loading
+
+
+def test_load_training_cases(dataset, cases, capsys):
+  assert [c.case_id for c in cases] == list(dataset.training_cases)
+  for case in cases:
+    raw = nifti.load_case(dataset, case.case_id)
+    assert case.image.dtype == np.float32 and case.image.shape == (24, 24, 24, 3)
+    assert case.label.dtype == np.uint8 and case.label.shape == (24, 24, 24)
+    np.testing.assert_array_equal(case.image, nifti.normalize_image(raw.image))
+    np.testing.assert_array_equal(case.label, raw.label)
+    np.testing.assert_array_equal(case.foreground, np.argwhere(raw.label > 0))
+    assert len(case.foreground) > 0
+  # Order of case_ids is kept; the progress bar goes to stderr.
+  reversed_ids = list(reversed(dataset.training_cases[:2]))
+  loaded = pipeline.load_training_cases(dataset, reversed_ids, progress=True)
+  assert [c.case_id for c in loaded] == reversed_ids
+  assert "loading train cases" in capsys.readouterr().err
+
+
+def test_load_training_cases_errors(dataset, tmp_path):
+  with pytest.raises(ValueError, match="case_ids is empty"):
+    pipeline.load_training_cases(dataset, [], progress=False)
+  with pytest.raises(nifti.DatasetError, match="not found"):
+    pipeline.load_training_cases(dataset, ["nope"], progress=False)
+  root = synthetic.make_synthetic_dataset(tmp_path / "ds", num_cases=1, shape=(16, 16, 16),
+                                          num_test_cases=1)
+  for f in (root / "labelsTs").iterdir():
+    f.unlink()
+  (root / "labelsTs").rmdir()
+  with pytest.raises(ValueError, match="has no label"):
+    pipeline.load_training_cases(nifti.read_dataset(root), ["test_000"], "test", progress=False)
+
+
+def test_training_case_from_arrays_checks_shapes():
+  with pytest.raises(ValueError, match="label shape"):
+    pipeline.TrainingCase.from_arrays("a", np.zeros((4, 4, 4, 1)), np.zeros((4, 4, 3)))
+  with pytest.raises(ValueError, match=r"\[x, y, z, c\]"):
+    pipeline.TrainingCase.from_arrays("a", np.zeros((4, 4, 4)), np.zeros((4, 4, 4)))
+
+
+# ------------------------------------------------------------ shapes, modes
+
+
+def test_patch_mode_shapes_and_dtypes(cases):
+  it = pipeline.make_train_iterator(cases, global_batch_size=4, **PATCH_KW)
+  assert isinstance(it, grain.DatasetIterator)
+  for batch in take(it, 3):
+    assert batch["image"].shape == (4, 16, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4, 16, 16, 16) and batch["label"].dtype == np.int32
+    assert set(np.unique(batch["label"])) <= {0, 1}
+
+
+def test_patch_larger_than_volume_is_padded(cases):
+  kw = {**PATCH_KW, "patch_shape": (32, 32, 24)}
+  batch = next(pipeline.make_train_iterator(cases, global_batch_size=2, **kw))
+  assert batch["image"].shape == (2, 32, 32, 24, 3) and batch["label"].shape == (2, 32, 32, 24)
+  # 24 -> 32 adds 4 zero slices on each side of x and y.
+  assert not batch["image"][:, :4].any() and not batch["image"][:, -4:].any()
+  assert batch["image"][:, 4:28, 4:28].any()
+
+
+@pytest.mark.parametrize("patch_shape", [None, ()])
+def test_whole_volume_mode_pads_to_common_multiple(patch_shape):
+  shapes = [(20, 18, 17), (24, 9, 20), (12, 16, 16)]
+  cases = [coded_case(f"c{i}", s, i + 1) for i, s in enumerate(shapes)]
+  padded = [sampling.pad_to_shape(c.image, c.label, (24, 24, 24)) for c in cases]
+  it = pipeline.make_train_iterator(
+      cases, global_batch_size=3, patch_shape=patch_shape, divisor=8,
+      foreground_fraction=0.5, random_flip=False, seed=3)
+  orders = []
+  for batch in take(it, 4):  # one batch = one epoch of the 3 cases
+    assert batch["image"].shape == (3, 24, 24, 24, 2) and batch["label"].shape == (3, 24, 24, 24)
+    order = [int(batch["image"][k, 12, 12, 8, 0]) - 1 for k in range(3)]
+    assert sorted(order) == [0, 1, 2]  # every epoch visits each case once
+    for k, c in enumerate(order):
+      np.testing.assert_array_equal(batch["image"][k], padded[c][0])
+      np.testing.assert_array_equal(batch["label"][k], padded[c][1])
+    orders.append(order)
+  assert len({tuple(o) for o in orders}) > 1  # reshuffled between epochs
+
+
+# --------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_batches_different_seed_different(cases):
+  kw = {**PATCH_KW, "global_batch_size": 4}
+  a = take(pipeline.make_train_iterator(cases, **kw), 5)
+  b = take(pipeline.make_train_iterator(cases, **kw, prefetch_batches=0), 5)
+  assert_batches_equal(a, b)
+  c = take(pipeline.make_train_iterator(cases, **{**kw, "seed": 1}), 5)
+  assert not any(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_shards_concatenate_to_the_global_batch(cases, process_count):
+  kw = {**PATCH_KW, "global_batch_size": 8}
+  steps = 3
+  whole = take(pipeline.make_train_iterator(cases, **kw), steps)
+  shards = [
+      take(pipeline.make_train_iterator(cases, **kw, process_index=p,
+                                        process_count=process_count), steps)
+      for p in range(process_count)
+  ]
+  for t in range(steps):
+    for key in ("image", "label"):
+      parts = [shards[p][t][key] for p in range(process_count)]
+      assert parts[0].shape[0] == 8 // process_count
+      np.testing.assert_array_equal(np.concatenate(parts), whole[t][key])
+
+
+@pytest.mark.parametrize("prefetch_batches", [0, 2])
+def test_resume_from_json_state(cases, prefetch_batches):
+  kw = {**PATCH_KW, "global_batch_size": 2, "prefetch_batches": prefetch_batches}
+  it = pipeline.make_train_iterator(cases, **kw)
+  take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 4)
+  resumed = pipeline.make_train_iterator(cases, **kw)
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 4), expected)
+
+
+def test_workers_match_in_process_and_resume(cases):
+  kw = {**PATCH_KW, "global_batch_size": 4, "process_index": 1, "process_count": 2}
+  expected = take(pipeline.make_train_iterator(cases, **kw, worker_count=0), 6)
+  it = pipeline.make_train_iterator(cases, **kw, worker_count=2)
+  try:
+    assert_batches_equal(take(it, 3), expected[:3])
+    state = json.loads(json.dumps(it.get_state()))
+  finally:
+    it.close()
+  resumed = pipeline.make_train_iterator(cases, **kw, worker_count=2)
+  try:
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 3), expected[3:])
+  finally:
+    resumed.close()
+
+
+def test_single_worker_matches_in_process(cases):
+  kw = {**PATCH_KW, "global_batch_size": 2}
+  expected = take(pipeline.make_train_iterator(cases, **kw), 3)
+  it = pipeline.make_train_iterator(cases, **kw, worker_count=1, prefetch_batches=1)
+  try:
+    assert_batches_equal(take(it, 3), expected)
+  finally:
+    it.close()
+
+
+# ------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_foreground_fraction(fraction):
+  # One foreground voxel in a corner: a uniformly placed 8^3 patch of the 40^3
+  # volume holds it with probability (1/33)^3, a foreground-centred one always.
+  label = np.zeros((40, 40, 40), np.uint8)
+  label[0, 0, 0] = 1
+  case = pipeline.TrainingCase.from_arrays("corner", np.ones((40, 40, 40, 1)), label)
+  it = pipeline.make_train_iterator(
+      [case], global_batch_size=50, patch_shape=(8, 8, 8), divisor=8,
+      foreground_fraction=fraction, random_flip=False, seed=0)
+  hits = np.concatenate([b["label"].reshape(50, -1).any(axis=1) for b in take(it, 8)])
+  assert abs(hits.mean() - fraction) <= 0.08, hits.mean()
+
+
+def test_flips_keep_labels_aligned_with_images():
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(20, 24, 28, 2)).astype(np.float32)
+  image[..., 1] = np.arange(20)[:, None, None]  # asymmetric in x
+  cases = [pipeline.TrainingCase.from_arrays("a", image, image[..., 0] > 0)]
+  kw = dict(global_batch_size=8, patch_shape=(16, 16, 16), divisor=8,
+            foreground_fraction=0.5, seed=5)
+  flipped = take(pipeline.make_train_iterator(cases, **kw, random_flip=True), 4)
+  plain = take(pipeline.make_train_iterator(cases, **kw, random_flip=False), 4)
+  subsets = set()
+  for fb, pb in zip(flipped, plain):
+    # Labels match their images voxel by voxel (padding is 0 in both).
+    np.testing.assert_array_equal(fb["label"], fb["image"][..., 0] > 0)
+    # Flips come on top of the same crop: each flipped sample is the plain one
+    # flipped along some subset of the axes.
+    for f_image, f_label, p_image, p_label in zip(fb["image"], fb["label"], pb["image"], pb["label"]):
+      axes = [ax for n in range(4) for ax in itertools.combinations(range(3), n)
+              if np.array_equal(f_image, np.flip(p_image, ax))]
+      assert len(axes) == 1
+      np.testing.assert_array_equal(f_label, np.flip(p_label, axes[0]))
+      subsets.add(axes[0])
+  assert len(subsets) >= 4  # flips really happen, along different axes
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"global_batch_size": 6, "process_count": 4}, "divisible by process_count"),
+    ({"global_batch_size": 0}, "global_batch_size"),
+    ({"process_index": 2, "process_count": 2}, "process_index"),
+    ({"patch_shape": (16, 16)}, "patch_shape"),
+    ({"patch_shape": (16, 0, 16)}, "patch_shape"),
+    ({"patch_shape": (16, 16.0, 16)}, "patch_shape"),
+    ({"patch_shape": (16, 12, 16)}, "multiple of divisor"),
+    ({"divisor": 0}, "divisor"),
+    ({"foreground_fraction": 1.5}, "foreground_fraction"),
+    ({"seed": -1}, "seed"),
+    ({"worker_count": -1}, "worker_count"),
+    ({"prefetch_batches": -1}, "prefetch_batches"),
+])
+def test_bad_arguments(cases, overrides, match):
+  kw = {**PATCH_KW, "global_batch_size": 4, **overrides}
+  with pytest.raises(ValueError, match=match):
+    pipeline.make_train_iterator(cases, **kw)
+
+
+def test_bad_cases():
+  with pytest.raises(ValueError, match="cases is empty"):
+    pipeline.make_train_iterator([], global_batch_size=4, **PATCH_KW)
+  mixed = [coded_case("a", (16, 16, 16), 1),
+           pipeline.TrainingCase.from_arrays("b", np.zeros((16, 16, 16, 3)), np.zeros((16, 16, 16)))]
+  with pytest.raises(ValueError, match="same number of channels"):
+    pipeline.make_train_iterator(mixed, global_batch_size=4, **PATCH_KW)

@@ -1,0 +1,316 @@
+"""The training input pipeline: in-memory cases -> infinite stream of batches (grain).
+
+Cases are loaded and normalised once (:func:`load_training_cases`) and kept in
+memory; :func:`make_train_iterator` turns them into an infinite, deterministic,
+resumable and per-process sharded stream of batches::
+
+  cases = load_training_cases(dataset, dataset.training_cases)
+  it = make_train_iterator(cases, global_batch_size=4, patch_shape=(96, 96, 96),
+                           divisor=16, foreground_fraction=0.33, random_flip=True,
+                           seed=0, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  batch = next(it)       # {"image": float32 [b, x, y, z, c], "label": int32 [b, x, y, z]}
+  state = it.get_state() # JSON-serialisable; it.set_state(state) resumes exactly
+
+The global sample stream (the contract the multi-host trainer relies on):
+
+* Global sample ``i = 0, 1, 2, ...`` uses case ``perm[i % n]`` of the ``n``
+  cases, where ``perm`` is the permutation of epoch ``i // n``:
+  ``np.random.default_rng([seed, epoch, 1]).permutation(n)``. Every epoch
+  visits each case exactly once, in a new order. (grain's own
+  ``MapDataset.shuffle`` is not used: its ``index_shuffle`` costs ~5 ms per
+  element for a handful of cases, more than cropping a patch.)
+* Its crop and flips come from ``np.random.default_rng([seed, i])`` only, so
+  sample ``i`` is the same whoever computes it, in whichever process or worker.
+* The global batch at step ``t`` is samples ``[t*B, (t+1)*B)``,
+  ``B = global_batch_size``. Process ``p`` of ``P`` yields the contiguous slice
+  ``[t*B + p*b, t*B + (p+1)*b)``, ``b = B // P``: concatenating the batches of
+  processes ``0..P-1`` at step ``t`` gives the batch a single process yields.
+  (The per-process dataset is the global stream batched by ``b`` and sliced
+  ``[p::P]``.)
+
+Because samples depend on the global index only, the batches are identical for
+any ``worker_count`` and ``prefetch_batches``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from tversky_jax.data import nifti, sampling
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingCase:
+  """One training case, preprocessed and cached in memory.
+
+  Attributes:
+    case_id: the case identifier.
+    image: ``float32 [x, y, z, c]``, channels last, NIfTI axis order, normalised
+      with :func:`tversky_jax.data.nifti.normalize_image`.
+    label: ``uint8 [x, y, z]``.
+    foreground: ``int [n, 3]`` voxel indices with ``label > 0``
+      (:func:`tversky_jax.data.sampling.foreground_voxels`, computed once).
+  """
+
+  case_id: str
+  image: np.ndarray
+  label: np.ndarray
+  foreground: np.ndarray
+
+  @classmethod
+  def from_arrays(
+      cls, case_id: str, image: np.ndarray, label: np.ndarray
+  ) -> TrainingCase:
+    """Builds a case from an already normalised image and its label.
+
+    Args:
+      case_id: the case identifier.
+      image: ``[x, y, z, c]``, converted to ``float32``; not normalised here.
+      label: ``[x, y, z]``, converted to ``uint8``.
+    """
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    label = np.ascontiguousarray(label, dtype=np.uint8)
+    if image.ndim != 4:
+      raise ValueError(f"case {case_id!r}: image must be [x, y, z, c], got shape {image.shape}")
+    if label.shape != image.shape[:3]:
+      raise ValueError(
+          f"case {case_id!r}: label shape {label.shape} must equal image spatial shape "
+          f"{image.shape[:3]}"
+      )
+    return cls(case_id, image, label, sampling.foreground_voxels(label))
+
+
+def load_training_cases(
+    dataset: nifti.Dataset,
+    case_ids: Iterable[str],
+    split: nifti.Split = "train",
+    progress: bool = True,
+) -> list[TrainingCase]:
+  """Loads, normalises and caches cases for training.
+
+  Each case is read with :func:`tversky_jax.data.nifti.load_case` and its image
+  normalised with :func:`tversky_jax.data.nifti.normalize_image` (the one
+  preprocessing function shared with inference).
+
+  Args:
+    dataset: from :func:`tversky_jax.data.nifti.read_dataset`.
+    case_ids: the cases to load, in the order to keep.
+    split: ``"train"`` or ``"test"`` (the split must have labels).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    One :class:`TrainingCase` per id, in the order of `case_ids`.
+
+  Raises:
+    ValueError: `case_ids` is empty or a case has no label.
+    nifti.DatasetError: a case is unknown or a file is broken.
+  """
+  case_ids = list(case_ids)
+  if not case_ids:
+    raise ValueError("case_ids is empty: need at least one case to train on")
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+    case_ids_iter: Iterable[str] = tqdm(case_ids, desc=f"loading {split} cases", unit="case")
+  else:
+    case_ids_iter = case_ids
+  cases = []
+  for case_id in case_ids_iter:
+    case = nifti.load_case(dataset, case_id, split)
+    if case.label is None:
+      raise ValueError(f"case {case_id!r} of the {split} split has no label file")
+    cases.append(TrainingCase.from_arrays(case_id, nifti.normalize_image(case.image), case.label))
+  return cases
+
+
+# --------------------------------------------------------------------------
+# Sample transform (top level: cloudpickled into grain worker processes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _MakeSample(grain.transforms.MapWithIndex):
+  """Global sample index ``i`` -> one training sample (``{"image", "label"}``)."""
+
+  cases: tuple[TrainingCase, ...]
+  patch_shape: tuple[int, int, int] | None  # None: whole volume padded to `volume_shape`.
+  volume_shape: tuple[int, int, int]
+  foreground_fraction: float
+  random_flip: bool
+  seed: int
+
+  def map_with_index(self, index: int, element: Any) -> dict[str, np.ndarray]:
+    del element  # The sample depends on its global index only.
+    epoch, position = divmod(index, len(self.cases))
+    case = self.cases[_epoch_order(self.seed, len(self.cases), epoch)[position]]
+    rng = np.random.default_rng([self.seed, index])
+    if self.patch_shape is None:
+      image, label = sampling.pad_to_shape(case.image, case.label, self.volume_shape)
+    else:
+      image, label = sampling.sample_patch(
+          case.image, case.label, self.patch_shape, rng,
+          foreground_fraction=self.foreground_fraction, foreground=case.foreground,
+      )
+    if self.random_flip:
+      image, label = sampling.random_flip(image, label, rng)
+    return {"image": np.ascontiguousarray(image, np.float32), "label": label.astype(np.int32)}
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_order(seed: int, num_cases: int, epoch: int) -> np.ndarray:
+  """``int [num_cases]``: the case order of `epoch` (read-only, cached).
+
+  The trailing 1 keeps this seed sequence apart from the per-sample ones,
+  ``[seed, i]`` (numpy pads short entropy with zeros, so ``[seed, i] ==
+  [seed, i, 0]`` but never ``[seed, epoch, 1]``).
+  """
+  order = np.random.default_rng([seed, epoch, 1]).permutation(num_cases)
+  order.flags.writeable = False
+  return order
+
+
+def _round_up(size: int, multiple: int) -> int:
+  return -(-size // multiple) * multiple
+
+
+def _whole_volume_shape(cases: Sequence[TrainingCase], divisor: int) -> tuple[int, int, int]:
+  """Max spatial shape over `cases`, each axis rounded up to a multiple of `divisor`."""
+  largest = np.max([c.label.shape for c in cases], axis=0)
+  return tuple(_round_up(int(s), divisor) for s in largest)  # type: ignore[return-value]
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain reads its config from absl flags; outside an absl app they are unparsed."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def make_train_iterator(
+    cases: Sequence[TrainingCase],
+    *,
+    global_batch_size: int,
+    patch_shape: Sequence[int] | None,
+    divisor: int,
+    foreground_fraction: float,
+    random_flip: bool,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    prefetch_batches: int = 2,
+) -> grain.DatasetIterator:
+  """Returns the infinite, deterministic, resumable training-batch iterator.
+
+  See the module docstring for the global sample stream and how it is split
+  over processes.
+
+  Args:
+    cases: the cached training cases (:func:`load_training_cases`); all must
+      have the same number of channels.
+    global_batch_size: samples per step over all processes (``B``).
+    patch_shape: ``(px, py, pz)``: random patches (:func:`sampling.sample_patch`;
+      cases smaller than the patch are zero-padded, centred); each size must be
+      a multiple of `divisor`. ``None`` or ``()``: whole volumes, every case
+      zero-padded (centred) to the common shape, the largest case shape rounded
+      up per axis to a multiple of `divisor`.
+    divisor: spatial sizes must be multiples of it, e.g. ``2 ** depth`` for a
+      U-Net with `depth` poolings.
+    foreground_fraction: probability in ``[0, 1]`` that a patch is centred on a
+      foreground voxel (patch mode only).
+    random_flip: flip each spatial axis with probability 1/2
+      (:func:`sampling.random_flip`), image and label together.
+    seed: non-negative integer; the whole stream is a function of it.
+    process_index: this process, ``jax.process_index()``.
+    process_count: ``jax.process_count()``; must divide `global_batch_size`.
+    worker_count: grain worker processes (``mp_prefetch``) that crop and flip in
+      the background; 0 does it in this process. Does not change the batches.
+    prefetch_batches: batches buffered ahead (per worker when
+      ``worker_count > 0``; with ``worker_count == 0`` a background thread
+      prepares them, 0 makes everything synchronous). Does not change the
+      batches.
+
+  Returns:
+    A grain ``DatasetIterator`` that never ends, yielding
+    ``{"image": float32 [b, x, y, z, c], "label": int32 [b, x, y, z]}`` with
+    ``b = global_batch_size // process_count``. ``get_state()`` returns a
+    JSON-serialisable state; ``set_state(state)`` on a fresh iterator built
+    with the same arguments continues exactly where the state was taken (the
+    state's layout is grain's and depends on `worker_count`: resume with the
+    same `worker_count`). With ``worker_count > 0`` call ``close()`` when done
+    to stop the workers; each worker holds its own copy of `cases`.
+
+  Raises:
+    ValueError: no cases, inconsistent cases, or a bad argument.
+  """
+  cases = tuple(cases)
+  if not cases:
+    raise ValueError("cases is empty: need at least one training case")
+  num_channels = {c.image.shape[-1] for c in cases}
+  if len(num_channels) != 1:
+    raise ValueError(f"all cases must have the same number of channels, got {sorted(num_channels)}")
+  global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
+  divisor = _check_int("divisor", divisor, 1)
+  process_count = _check_int("process_count", process_count, 1)
+  process_index = _check_int("process_index", process_index, 0)
+  worker_count = _check_int("worker_count", worker_count, 0)
+  prefetch_batches = _check_int("prefetch_batches", prefetch_batches, 0)
+  seed = _check_int("seed", seed, 0)
+  if process_index >= process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size ({global_batch_size}) must be divisible by process_count "
+        f"({process_count}): every process takes an equal share of each batch"
+    )
+  if not 0.0 <= foreground_fraction <= 1.0:
+    raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+
+  if patch_shape is None or len(patch_shape) == 0:
+    patch: tuple[int, int, int] | None = None
+    volume_shape = _whole_volume_shape(cases, divisor)
+  else:
+    patch = tuple(patch_shape)  # type: ignore[assignment]
+    if (len(patch) != 3
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in patch)
+        or min(patch) < 1):
+      raise ValueError(f"patch_shape must be 3 positive integers (or None/() for whole "
+                       f"volumes), got {tuple(patch_shape)}")
+    patch = tuple(int(s) for s in patch)  # type: ignore[assignment]
+    if any(s % divisor for s in patch):  # type: ignore[union-attr]
+      raise ValueError(f"patch_shape {patch} must be a multiple of divisor {divisor} on every axis")
+    volume_shape = patch  # type: ignore[assignment]
+
+  local_batch_size = global_batch_size // process_count
+  transform = _MakeSample(cases, patch, volume_shape, float(foreground_fraction),
+                          bool(random_flip), seed)
+  ds = (
+      grain.MapDataset.range(len(cases))
+      .repeat()  # infinite
+      .map_with_index(transform)  # index = global sample index i
+      .batch(local_batch_size)  # block k = global samples [k*b, (k+1)*b)
+  )
+  ds = ds[process_index::process_count]  # step t = block t*P + p
+  if worker_count > 0:
+    _ensure_absl_flags_parsed()
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=max(prefetch_batches, 1)))
+  else:
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=1 if prefetch_batches else 0, prefetch_buffer_size=prefetch_batches))
+  return iter_ds.__iter__()
+

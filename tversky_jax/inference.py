@@ -1,0 +1,341 @@
+"""Whole-volume sliding-window inference, shared by validation and prediction.
+
+Conventions:
+
+* **Channels last, NIfTI axis order.** An image is a host array
+  ``[x, y, z, channels]`` (already intensity-normalised); the result is
+  ``[x, y, z, classes]`` softmax probabilities, float32, on the host.
+* **Model-agnostic.** The model enters as ``logits_fn``, any function mapping a
+  device array ``[n, wx, wy, wz, channels]`` to logits
+  ``[n, wx, wy, wz, classes]``. The caller jits it (for a Flax NNX model, jit a
+  function that merges the graph and state and applies the model). Its
+  parameters must be uncommitted or replicated over the ``devices`` given
+  here. Parameters placed on a mesh with Explicit axes (``jax.make_mesh``'s
+  default) need that mesh set: call this inside ``jax.set_mesh(mesh)``, as the
+  training loop does; the windows then use the context mesh's axis type.
+* **Blending.** Overlapping windows are averaged with an nnU-Net-style
+  Gaussian importance map ``w`` (high in the window centre, where the network
+  sees the most context): ``p(v) = sum_k w_k(v) p_k(v) / sum_k w_k(v)``.
+  Softmax is taken per window before blending, in float32 on the device.
+* **Memory.** The full-resolution accumulators (the weighted probability sum
+  and the weight sum) are numpy arrays on the host; the device only ever
+  holds one batch of ``batch_size`` windows (two while the next batch is being
+  computed and the previous one is copied back), so a 256^3 volume needs no
+  more device memory than a few windows.
+* **Devices.** Each batch is padded to a multiple of ``len(devices)`` and
+  sharded along its first axis with a ``NamedSharding`` over a 1-D mesh axis
+  ``"data"``, so the windows of a batch are spread over all devices. Every
+  call of ``logits_fn`` sees the same batch shape and sharding, so it compiles
+  once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+# Floor of the importance map. A pure Gaussian with a small sigma_scale
+# underflows float32 in the window corners; a voxel covered only by such
+# corners would then get weight sum 0 and a 0/0 probability.
+_MIN_IMPORTANCE = 1e-6
+
+# The 8 flip combinations of the three spatial axes of a [n, x, y, z, c] batch.
+_MIRROR_AXES: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (3,), (1, 2),
+                                             (1, 3), (2, 3), (1, 2, 3))
+
+
+def _check_window(window: Sequence[int]) -> tuple[int, int, int]:
+  try:
+    items = tuple(window)
+  except TypeError:
+    raise ValueError(
+        f"window must be 3 positive ints, got {window!r}") from None
+  if len(items) != 3 or not all(
+      isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
+      for w in items):
+    raise ValueError(f"window must be 3 positive ints, got {window!r}")
+  return tuple(int(w) for w in items)  # type: ignore[return-value]
+
+
+def _check_overlap(overlap: float) -> float:
+  if (not isinstance(overlap, numbers.Real) or isinstance(overlap, bool)
+      or not 0.0 <= overlap < 1.0):
+    raise ValueError(f"overlap must be a number in [0, 1), got {overlap!r}")
+  return float(overlap)
+
+
+def gaussian_importance_map(window: Sequence[int],
+                            sigma_scale: float = 0.125) -> np.ndarray:
+  """Gaussian blending weights for one window, as in nnU-Net.
+
+  Args:
+    window: the window size ``(wx, wy, wz)``.
+    sigma_scale: the standard deviation along each axis as a fraction of the
+      window size along that axis.
+
+  Returns:
+    float32 ``[wx, wy, wz]``: a separable Gaussian centred at ``(w - 1) / 2``
+    on every axis (so the map is symmetric under flips of any axis), scaled
+    to a maximum of exactly 1, with values below 1e-6 raised to 1e-6 so that
+    no voxel of a window ever gets zero weight.
+  """
+  window = _check_window(window)
+  if not sigma_scale > 0:
+    raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
+  profiles = []
+  for size in window:
+    coords = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    sigma = sigma_scale * size
+    profiles.append(np.exp(-0.5 * (coords / sigma) ** 2))
+  gauss = (profiles[0][:, None, None] * profiles[1][None, :, None]
+           * profiles[2][None, None, :])
+  gauss /= gauss.max()
+  return np.maximum(gauss, _MIN_IMPORTANCE).astype(np.float32)
+
+
+def _axis_starts(size: int, window: int, step: int) -> list[int]:
+  if size <= window:
+    return [0]
+  starts = list(range(0, size - window, step))
+  starts.append(size - window)  # the last tile is flush with the end
+  return starts
+
+
+def window_starts(volume_shape: Sequence[int], window: Sequence[int],
+                  overlap: float) -> list[tuple[int, int, int]]:
+  """Start corners of the windows that tile a volume.
+
+  Along each axis the starts are ``0, step, 2 * step, ...`` with
+  ``step = max(1, floor(window * (1 - overlap)))``, plus one last start
+  ``size - window`` so the last tile ends flush with the volume (it may
+  overlap its neighbour by more than ``overlap``). An axis shorter than the
+  window has the single start 0: ``sliding_window_inference`` pads such an
+  axis to the window size before tiling (and crops the result back), so the
+  tiles of such an axis cover ``[0, window)`` of the padded volume.
+
+  Args:
+    volume_shape: the spatial shape ``(x, y, z)``.
+    window: the window size ``(wx, wy, wz)``.
+    overlap: fraction of the window shared by neighbouring tiles, in [0, 1).
+
+  Returns:
+    A list of ``(sx, sy, sz)`` in C order (z fastest), every window lying
+    within ``max(volume_shape, window)`` on every axis.
+  """
+  window = _check_window(window)
+  overlap = _check_overlap(overlap)
+  shape = tuple(int(s) for s in volume_shape)
+  if len(shape) != 3 or any(s < 1 for s in shape):
+    raise ValueError(
+        f"volume_shape must be 3 positive ints, got {volume_shape!r}")
+  # The epsilon keeps e.g. 10 * (1 - 0.7) = 2.9999999999999996 from becoming 2.
+  steps = [max(1, int(w * (1.0 - overlap) + 1e-9)) for w in window]
+  per_axis = [_axis_starts(s, w, st) for s, w, st in zip(shape, window, steps)]
+  return [(a, b, c) for a in per_axis[0] for b in per_axis[1]
+          for c in per_axis[2]]
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "sharding"))
+def _flip(x: jax.Array, axes: tuple[int, ...],
+          sharding: NamedSharding) -> jax.Array:
+  # Pinning the output sharding keeps every logits_fn call on one
+  # (shape, sharding) signature, i.e. one compilation.
+  return jax.lax.with_sharding_constraint(jnp.flip(x, axes), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("axes",))
+def _add_probs(total: jax.Array | None, logits: jax.Array,
+               axes: tuple[int, ...]) -> jax.Array:
+  """total + flip(softmax(logits)), the softmax in float32."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  if axes:
+    probs = jnp.flip(probs, axes)
+  return probs if total is None else total + probs
+
+
+@jax.jit
+def _weigh(total: jax.Array, importance: jax.Array,
+           scale: float) -> jax.Array:
+  return total * (importance[None, ..., None] * scale)
+
+
+def _resolve_devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
+  if devices is None:
+    return list(jax.local_devices())
+  devices = list(devices)
+  if not devices:
+    raise ValueError("devices must not be empty")
+  here = jax.process_index()
+  if any(d.process_index != here for d in devices):
+    raise ValueError(
+        "sliding_window_inference runs within one process; every device "
+        "must be addressable by it (use jax.local_devices())")
+  return devices
+
+
+def _data_mesh(devices: list[jax.Device]) -> tuple[Mesh, bool]:
+  """A 1-D mesh "data" over devices, compatible with the caller's mesh.
+
+  Inside ``jax.set_mesh`` (e.g. validation in the training loop), arrays must
+  live on the context mesh, so the window axis copies the axis type of the
+  context's "data" axis (``jax.make_mesh`` makes it Explicit) and the mesh is
+  made the context mesh while we run; over the same devices it then equals
+  the training mesh and parameters replicated on it are used in place.
+  Returns the mesh and whether it must be entered with ``jax.set_mesh``.
+  """
+  context = jax.sharding.get_abstract_mesh()
+  axis_type = AxisType.Auto
+  if not context.empty and "data" in context.axis_names:
+    axis_type = context.axis_types[context.axis_names.index("data")]
+  mesh = Mesh(np.asarray(devices), ("data",), axis_types=(axis_type,))
+  return mesh, not context.empty
+
+
+def sliding_window_inference(
+    logits_fn: LogitsFn,
+    image: np.ndarray,
+    *,
+    window: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    mirror: bool = False,
+    progress: bool = False,
+    devices: Sequence[jax.Device] | None = None,
+) -> np.ndarray:
+  """Softmax probabilities of a whole volume, blended over overlapping windows.
+
+  Args:
+    logits_fn: maps a device array ``[n, wx, wy, wz, channels]`` (float32)
+      to logits ``[n, wx, wy, wz, classes]``; jitted by the caller. It is
+      always called with the same ``n`` (``batch_size`` rounded up to a
+      multiple of ``len(devices)``) and the same sharding.
+    image: host array ``[x, y, z, channels]``, channels last, NIfTI axis
+      order, already normalised. Sent to the device as float32.
+    window: window size ``(wx, wy, wz)``. An axis of the image shorter than
+      the window is zero-padded to the window size, symmetrically (the
+      content stays in the middle of the window, where the network has
+      context on both sides), and the result cropped back.
+    overlap: fraction of the window shared by neighbouring tiles, in [0, 1);
+      see ``window_starts``.
+    batch_size: windows per ``logits_fn`` call (before rounding up to a
+      multiple of the device count). Bounds device memory.
+    mirror: test-time augmentation: average the probabilities of the 8 flip
+      combinations of the three spatial axes (flip the window, run the
+      model, flip the probabilities back). 8 times the compute.
+    progress: show a tqdm progress bar over the windows.
+    devices: the devices the windows of a batch are spread over, all
+      addressable by this process. Defaults to ``jax.local_devices()``
+      (identical to ``jax.devices()`` in a single process; in a multi-host
+      job each process predicts its own volumes on its own devices).
+
+  Returns:
+    float32 ``[x, y, z, classes]`` on the host: per voxel
+    ``sum_k w_k p_k / sum_k w_k`` over the windows ``k`` containing it, with
+    ``p_k`` the window's softmax probabilities (mirror-averaged when
+    ``mirror``) and ``w_k`` its ``gaussian_importance_map``. Sums to 1 over
+    classes.
+
+  Raises:
+    ValueError: on an image that is not 4-D, a window that is not 3 positive
+      ints, an overlap outside [0, 1), a batch_size below 1, no devices, or
+      logits of an unexpected shape.
+  """
+  image = np.asarray(image)
+  if image.ndim != 4:
+    raise ValueError(
+        f"image must be 4-D [x, y, z, channels], got shape {image.shape}")
+  if 0 in image.shape:
+    raise ValueError(f"image must not be empty, got shape {image.shape}")
+  window = _check_window(window)
+  overlap = _check_overlap(overlap)
+  if (not isinstance(batch_size, numbers.Integral)
+      or isinstance(batch_size, bool) or batch_size < 1):
+    raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+  devices = _resolve_devices(devices)
+
+  image = image.astype(np.float32, copy=False)
+  shape = image.shape[:3]
+  pad_before = [max(0, w - s) // 2 for s, w in zip(shape, window)]
+  pad_after = [max(0, w - s) - b for s, w, b in zip(shape, window, pad_before)]
+  if any(pad_before) or any(pad_after):
+    image = np.pad(image, list(zip(pad_before, pad_after)) + [(0, 0)])
+  padded_shape = image.shape[:3]
+  starts = window_starts(padded_shape, window, overlap)
+
+  n_dev = len(devices)
+  n_batch = math.ceil(batch_size / n_dev) * n_dev
+  mesh, enter_mesh = _data_mesh(devices)
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  importance = gaussian_importance_map(window)
+  flips = _MIRROR_AXES if mirror else ((),)
+  scale = 1.0 / len(flips)
+
+  # The weight sum depends on the tiling only; the probability sum is
+  # allocated once the number of classes is known.
+  weight_sum = np.zeros(padded_shape, np.float32)
+  for sx, sy, sz in starts:
+    weight_sum[sx:sx + window[0], sy:sy + window[1],
+               sz:sz + window[2]] += importance
+  prob_sum: np.ndarray | None = None
+
+  def run(batch_starts):
+    host = np.zeros((n_batch, *window, image.shape[3]), np.float32)
+    for i, (sx, sy, sz) in enumerate(batch_starts):
+      host[i] = image[sx:sx + window[0], sy:sy + window[1],
+                      sz:sz + window[2]]
+    x = jax.device_put(host, batch_sharding)
+    total = None
+    for axes in flips:
+      logits = logits_fn(_flip(x, axes, batch_sharding) if axes else x)
+      if (logits.ndim != 5 or tuple(logits.shape[:4]) != (n_batch, *window)):
+        raise ValueError(
+            "logits_fn must map [n, wx, wy, wz, channels] to "
+            f"[n, wx, wy, wz, classes]; got {logits.shape} for input "
+            f"{x.shape}")
+      total = _add_probs(total, logits, axes)
+    return _weigh(total, importance_dev, scale)
+
+  def accumulate(weighted, batch_starts):
+    nonlocal prob_sum
+    weighted = np.asarray(weighted)
+    if prob_sum is None:
+      prob_sum = np.zeros((*padded_shape, weighted.shape[-1]), np.float32)
+    for i, (sx, sy, sz) in enumerate(batch_starts):
+      prob_sum[sx:sx + window[0], sy:sy + window[1],
+               sz:sz + window[2]] += weighted[i]
+
+  # Dispatch batch k+1 before copying batch k back, so that the device
+  # computes while the host accumulates (JAX dispatch is asynchronous).
+  pending = None
+  with (jax.set_mesh(mesh) if enter_mesh else contextlib.nullcontext(),
+        tqdm(total=len(starts), disable=not progress, unit="window",
+             desc="sliding window") as bar):
+    importance_dev = jax.device_put(importance,
+                                    NamedSharding(mesh, PartitionSpec()))
+    for first in range(0, len(starts), n_batch):
+      batch_starts = starts[first:first + n_batch]
+      weighted = run(batch_starts)
+      if pending is not None:
+        accumulate(*pending)
+        bar.update(len(pending[1]))
+      pending = (weighted, batch_starts)
+    accumulate(*pending)
+    bar.update(len(pending[1]))
+
+  assert prob_sum is not None
+  prob_sum /= weight_sum[..., None]
+  crop = tuple(slice(b, b + s) for b, s in zip(pad_before, shape))
+  if padded_shape != shape:
+    return np.ascontiguousarray(prob_sum[crop])
+  return prob_sum

@@ -1,0 +1,319 @@
+"""Tests of the 3D U-Net (tversky_jax/models/unet3d.py) on 16^3 volumes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from tversky_jax.models import UNet3D, count_params, required_divisor
+from tversky_jax.models import unet3d
+
+SIZE = 16
+
+
+def _rngs(seed=0):
+  # Threefry initialisers compile once per parameter shape (about a second
+  # each on XLA:CPU, tens of seconds per model); "rbg" keys compile in a
+  # fraction of that. The model does not depend on the key implementation.
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def _input(batch=1, channels=3, size=(SIZE, SIZE, SIZE), seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, *size, channels))
+
+
+def _max_rel_diff(a, b):
+  diffs = jax.tree.map(lambda u, v: jnp.max(jnp.abs(u - v)), a, b)
+  scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(b))
+  return max(float(d) for d in jax.tree.leaves(diffs)) / scale
+
+
+@pytest.mark.parametrize(
+    "depth, base_features, normalization, dtype, num_classes",
+    [
+        (0, 4, "none", jnp.float32, 2),
+        (2, 6, "none", jnp.bfloat16, 3),
+        (3, 4, "instance", jnp.float32, 2),
+        (4, 2, "batch", jnp.float32, 2),
+    ],
+)
+def test_output_shape_and_dtypes(depth, base_features, normalization, dtype,
+                                 num_classes):
+  model = UNet3D(in_channels=3, num_classes=num_classes,
+                 base_features=base_features, depth=depth,
+                 normalization=normalization, dtype=dtype, rngs=_rngs())
+  graphdef, state = nnx.split(model)
+  logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, _input())
+  assert logits.shape == (1, SIZE, SIZE, SIZE, num_classes)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  # Not a constant map: the network sees the input.
+  assert float(jnp.std(logits[..., 0])) > 0
+  # Parameters (and batch statistics) stay float32 whatever the compute dtype.
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model))} == {
+      jnp.dtype(jnp.float32)}
+
+
+def test_features_double_per_level_and_param_count():
+  base, depth, cin, ncls = 4, 3, 2, 2
+  model = UNet3D(in_channels=cin, num_classes=ncls, base_features=base,
+                 depth=depth, rngs=_rngs())
+  feats = [base * 2**level for level in range(depth + 1)]
+  assert len(model.encoder) == depth and len(model.decoder) == depth
+  for level, block in enumerate(model.encoder):
+    fin = cin if level == 0 else feats[level - 1]
+    assert block.conv1.kernel.shape == (3, 3, 3, fin, feats[level])
+    assert block.conv2.kernel.shape == (3, 3, 3, feats[level], feats[level])
+  assert model.bottleneck.conv1.kernel.shape == (3, 3, 3, feats[-2], feats[-1])
+  # Decoder runs coarse to fine; the up-conv halves the features and the
+  # first conv reads [upsampled, skip] = 2f channels.
+  for block, level in zip(model.decoder, reversed(range(depth))):
+    f = feats[level]
+    assert block.up.kernel.shape == (2, 2, 2, 2 * f, f)
+    assert block.block.conv1.kernel.shape == (3, 3, 3, 2 * f, f)
+    assert block.block.conv2.kernel.shape == (3, 3, 3, f, f)
+  assert model.head.kernel.shape == (1, 1, 1, base, ncls)
+
+  def conv(fin, fout, k=27):
+    return k * fin * fout + fout
+
+  expected = sum(conv(cin if l == 0 else feats[l - 1], feats[l])
+                 + conv(feats[l], feats[l]) for l in range(depth + 1))
+  expected += sum(conv(2 * feats[l], feats[l], 8) + conv(2 * feats[l], feats[l])
+                  + conv(feats[l], feats[l]) for l in range(depth))
+  expected += conv(base, ncls, 1)
+  assert count_params(model) == expected
+
+
+def test_count_params_excludes_batch_stats():
+  plain = UNet3D(in_channels=1, depth=1, base_features=4, rngs=_rngs())
+  batch = UNet3D(in_channels=1, depth=1, base_features=4,
+                 normalization="batch", rngs=_rngs())
+  # 3x3x3 conv outputs: encoder 4 + 4, bottleneck 8 + 8, decoder 4 + 4.
+  conv_biases = 32
+  # A normalized conv drops its bias; each norm has a scale and a bias.
+  assert count_params(batch) == count_params(plain) - conv_biases + 2 * conv_biases
+  n_stats = sum(x.size for x in jax.tree.leaves(nnx.state(batch, nnx.BatchStat)))
+  assert n_stats == 2 * conv_biases
+
+
+def test_skip_connections_carry_information():
+  model = UNet3D(in_channels=3, depth=2, base_features=4, rngs=_rngs())
+  x = _input()
+  ref = model(x)
+
+  # Ignoring the skip half of the finest decoder conv changes the output.
+  conv = model.decoder[-1].block.conv1
+  f = model.base_features
+  saved = conv.kernel[...]
+  conv.kernel[...] = saved.at[:, :, :, f:, :].set(0.0)
+  assert float(jnp.max(jnp.abs(model(x) - ref))) > 1e-3
+  conv.kernel[...] = saved
+
+  # With every up-conv zeroed only the skips connect input and output: the
+  # logits still vary over the volume and react to the contracting path.
+  for block in model.decoder:
+    block.up.kernel[...] = jnp.zeros_like(block.up.kernel[...])
+    block.up.bias[...] = jnp.zeros_like(block.up.bias[...])
+  cut = model(x)
+  assert float(jnp.std(cut[..., 0])) > 1e-4
+  model.encoder[0].conv1.kernel[...] = model.encoder[0].conv1.kernel[...] * 1.5
+  assert float(jnp.max(jnp.abs(model(x) - cut))) > 1e-4
+  # ... and the coarse path is really cut off.
+  before = model(x)
+  model.bottleneck.conv1.kernel[...] = -model.bottleneck.conv1.kernel[...]
+  np.testing.assert_array_equal(model(x), before)
+
+
+def test_required_divisor():
+  assert [required_divisor(d) for d in range(5)] == [1, 2, 4, 8, 16]
+  with pytest.raises(ValueError):
+    required_divisor(-1)
+
+
+def _abstract_model(**kwargs):
+  """A model of ShapeDtypeStructs: enough for shape checks, nothing compiled."""
+  return nnx.eval_shape(lambda: UNet3D(rngs=_rngs(), **kwargs))
+
+
+def _traced_forward(model, x):
+  """Traces ``model(x)`` under ``jax.jit`` (shapes only) the trainer's way."""
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  return forward.trace(state, x).out_info
+
+
+def test_nondivisible_spatial_size_raises():
+  model = _abstract_model(in_channels=3, depth=3, base_features=4)
+  x = jax.ShapeDtypeStruct((1, 16, 16, 12, 3), jnp.float32)
+  with pytest.raises(ValueError, match=r"\(16, 16, 12\).*not divisible by 8"):
+    model(x)
+  with pytest.raises(ValueError, match=r"\(16, 16, 12\).*not divisible by 8"):
+    _traced_forward(model, x)
+  # depth 2 only needs multiples of 4.
+  out = _traced_forward(
+      _abstract_model(in_channels=3, depth=2, base_features=4), x)
+  assert out.shape == (1, 16, 16, 12, 2) and out.dtype == jnp.float32
+
+
+def test_wrong_channels_or_rank_raises():
+  model = _abstract_model(in_channels=3, depth=1, base_features=4)
+  with pytest.raises(ValueError, match="in_channels=3.*has 4 channels"):
+    _traced_forward(model, jax.ShapeDtypeStruct((1, 8, 8, 8, 4), jnp.float32))
+  with pytest.raises(ValueError, match="5-D input"):
+    model(jnp.zeros((SIZE, SIZE, SIZE, 3)))
+
+
+def test_unknown_options_raise():
+  with pytest.raises(ValueError, match=r"'layer'.*'none', 'group', 'instance', 'batch'"):
+    UNet3D(in_channels=1, normalization="layer", rngs=_rngs())
+  with pytest.raises(ValueError, match=r"'fft'.*'native', '2d_sum'"):
+    UNet3D(in_channels=1, conv_impl="fft", rngs=_rngs())
+  with pytest.raises(ValueError, match="base_features"):
+    UNet3D(in_channels=1, base_features=0, rngs=_rngs())
+
+
+def test_jit_with_split_merge_and_finite_gradients():
+  model = UNet3D(in_channels=3, depth=1, base_features=4, rngs=_rngs())
+  x = _input(batch=2)
+  eager = model(x)
+  # The trainer's pattern: split once, merge inside the jitted function.
+  graphdef, state = nnx.split(model)
+  params, rest = nnx.split_state(state, nnx.Param, ...)
+
+  @jax.jit
+  def loss_and_grad(params, x):
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest)(x)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (value, logits), grads = loss_and_grad(params, x)
+  np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(float(value))
+  leaves = jax.tree.leaves(grads)
+  assert len(leaves) == len(jax.tree.leaves(params))
+  for g in leaves:
+    assert g.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(g)))
+  # Every layer gets a learning signal (no dead path).
+  assert all(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+
+
+def test_batch_norm_train_and_eval_modes():
+  model = UNet3D(in_channels=3, depth=1, base_features=4,
+                 normalization="batch", rngs=_rngs())
+  x = 3.0 + 2.0 * _input(batch=2)
+  stats0 = nnx.state(model, nnx.BatchStat)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def train_forward(state, x):
+    model = nnx.merge(graphdef, state)
+    logits = model(x)
+    return logits, nnx.state(model)
+
+  train_logits, new_state = train_forward(state, x)
+  model_after = nnx.merge(graphdef, new_state)
+  stats1 = nnx.state(model_after, nnx.BatchStat)
+  assert _max_rel_diff(stats1, stats0) > 0  # running averages updated
+
+  model_after.eval()
+  eval_logits = model_after(x)
+  assert nnx.state(model_after, nnx.BatchStat) == stats1  # frozen in eval
+  assert float(jnp.max(jnp.abs(eval_logits - train_logits))) > 1e-3
+  model_after.train()
+  np.testing.assert_allclose(model_after(x), train_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_matches_reduce_window():
+  x = _input(batch=2, channels=5, size=(8, 6, 4))
+  np.testing.assert_array_equal(unet3d._max_pool_2x(x),
+                                nnx.max_pool(x, (2, 2, 2), (2, 2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upconv_matches_conv_transpose(dtype):
+  up = unet3d.UpConv(6, 3, dtype=dtype, rngs=_rngs())
+  ref = nnx.ConvTranspose(6, 3, kernel_size=(2, 2, 2), strides=(2, 2, 2),
+                          padding="SAME", dtype=dtype, rngs=_rngs())
+  # Same initialisation, same parameter layout.
+  np.testing.assert_array_equal(up.kernel[...], ref.kernel[...])
+  bias = jnp.linspace(-1.0, 1.0, 3)
+  up.bias[...] = bias
+  ref.bias[...] = bias
+  x = _input(batch=2, channels=6, size=(3, 4, 2))
+  out = up(x)
+  assert out.shape == (2, 6, 8, 4, 3) and out.dtype == dtype
+  np.testing.assert_allclose(out.astype(jnp.float32),
+                             ref(x).astype(jnp.float32), rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "padding", ["SAME", "VALID", ((1, 1), (0, 2), (2, 0))])
+def test_conv3d_as_2d_sum_matches_lax(padding):
+  x = _input(batch=2, channels=4, size=(5, 6, 7))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 6))
+  dn = ("NDHWC", "DHWIO", "NDHWC")
+  ref = lax.conv_general_dilated(x, k, (1, 1, 1), padding, dimension_numbers=dn)
+  out = unet3d.conv3d_as_2d_sum(x, k, (1, 1, 1), padding, dimension_numbers=dn)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+  # Strided convolutions fall back to lax.
+  ref = lax.conv_general_dilated(x, k, (2, 2, 2), padding, dimension_numbers=dn)
+  out = unet3d.conv3d_as_2d_sum(x, k, (2, 2, 2), padding, dimension_numbers=dn)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def _same_state_layout(model_a, model_b):
+  graphdef_a, state_a = nnx.split(model_a)
+  graphdef_b, state_b = nnx.split(model_b)
+  # Same state tree: a checkpoint of one restores into the other.
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
+  assert jax.tree.map(jnp.shape, state_a) == jax.tree.map(jnp.shape, state_b)
+  return graphdef_a, graphdef_b, state_a
+
+
+def test_2d_sum_equals_native_with_shared_params():
+  kwargs = dict(in_channels=3, depth=1, base_features=4, normalization="batch")
+  g_native, g_trick, state = _same_state_layout(
+      UNet3D(conv_impl="native", rngs=_rngs(), **kwargs),
+      UNet3D(conv_impl="2d_sum", rngs=_rngs(1), **kwargs))
+  x = _input(batch=2)
+  target = jax.random.normal(jax.random.key(5), (2, SIZE, SIZE, SIZE, 2))
+
+  @jax.jit(static_argnums=0)
+  def loss_and_grad(graphdef, state, x):
+    def loss(model):  # the train step's pattern (BatchStat updates allowed)
+      logits = model(x)
+      return jnp.mean(logits * target), logits
+    return nnx.value_and_grad(loss, has_aux=True)(nnx.merge(graphdef, state))
+
+  (_, out_native), grad_native = loss_and_grad(g_native, state, x)
+  (_, out_trick), grad_trick = loss_and_grad(g_trick, state, x)
+  assert _max_rel_diff(out_trick, out_native) < 1e-5
+  assert _max_rel_diff(grad_trick, grad_native) < 1e-5
+
+
+def test_bfloat16_compute_matches_native_and_float32():
+  kwargs = dict(in_channels=3, depth=1, base_features=4, normalization="group")
+  g_native, g_trick, state = _same_state_layout(
+      UNet3D(conv_impl="native", dtype=jnp.bfloat16, rngs=_rngs(), **kwargs),
+      UNet3D(conv_impl="2d_sum", dtype=jnp.bfloat16, rngs=_rngs(1), **kwargs))
+  # Params are float32 whatever the compute dtype: the same state runs in a
+  # float32 model.
+  g_f32, _, _ = _same_state_layout(
+      UNet3D(rngs=_rngs(), **kwargs), UNet3D(rngs=_rngs(), **kwargs))
+  forward = jax.jit(lambda g, s, x: nnx.merge(g, s)(x), static_argnums=0)
+  x = _input()
+  ref = forward(g_f32, state, x)
+  out_native = forward(g_native, state, x)
+  out_trick = forward(g_trick, state, x)
+  assert out_native.dtype == out_trick.dtype == jnp.float32
+  assert not np.array_equal(out_native, ref)  # really computed in bf16
+  assert _max_rel_diff(out_native, ref) < 5e-2
+  # Forward only: bf16 rounding alone moves these gradients by ~15%
+  # (native bf16 vs float32), too much for a meaningful comparison.
+  assert _max_rel_diff(out_trick, out_native) < 5e-2

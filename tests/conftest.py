@@ -10,3 +10,29 @@ _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402  (after the XLA flag on purpose)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+  """Five 24^3 synthetic phantom cases in the nnU-Net layout."""
+  from tversky_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("data") / "Dataset901_Tiny"
+  synthetic.make_synthetic_dataset(root, num_cases=5, shape=(24, 24, 24),
+                                   seed=3)
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_dataset, tmp_path_factory):
+  """An uninterrupted 6-step run on all 4 devices: (workdir, step, params)."""
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  from tversky_jax import train_lib  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  config = helpers.tiny_config(tiny_dataset)
+  summary = train_lib.train_and_evaluate(config, workdir, progress=False)
+  assert summary.step == 6 and not summary.interrupted
+  step, params = helpers.saved_params(workdir, config)
+  return workdir, step, params

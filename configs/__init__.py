@@ -1,0 +1,1 @@
+"""Training configurations: each module has get_config() -> ConfigDict."""

@@ -1,0 +1,81 @@
+"""Every setting of a training run, with its default.
+
+The other configs start from this one and change a few values. On the
+command line any value can be overridden, e.g.
+``python train.py --config configs/demo.py --config.loss.beta=0.8``;
+a key that is not here is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  # nnU-Net v2 raw dataset folder (dataset.json, imagesTr/, labelsTr/).
+  config.data.root = "data/Dataset900_SyntheticLesions"
+  # When `root` does not exist, write synthetic lesion phantoms there.
+  config.data.synthesize_if_missing = False
+  config.data.synthetic_cases = 12
+  config.data.synthetic_shape = (48, 48, 48)
+  # Training cases held out for validation (the last ones, sorted by name).
+  config.data.num_val_cases = 2
+  # Patch size [x, y, z]; an empty tuple trains on whole volumes (the paper),
+  # zero-padded to a multiple of 2**model.depth.
+  config.data.patch_shape = (32, 32, 32)
+  # Fraction of patches centred on a lesion voxel.
+  config.data.foreground_fraction = 0.5
+  config.data.random_flip = True
+  # Background processes decoding and cropping volumes (0: in this process).
+  config.data.worker_count = 0
+  config.data.prefetch_batches = 2
+
+  config.model = ml_collections.ConfigDict()
+  config.model.base_features = 16
+  config.model.depth = 4
+  config.model.normalization = "none"  # none (paper), group, instance, batch
+  config.model.dtype = "float32"  # or bfloat16 (params stay float32)
+  # 3x3x3 convolutions: "native" (cuDNN on GPU), "2d_sum" (3-4x faster on
+  # CPU, same parameters) or "auto" (2d_sum on CPU, native elsewhere).
+  config.model.conv_impl = "auto"
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "tversky"  # tversky, dice, focal_tversky, tversky_ce
+  # alpha weighs false positives, beta false negatives (Salehi et al. 2017).
+  config.loss.alpha = 0.3
+  config.loss.beta = 0.7
+  config.loss.gamma = 4.0 / 3.0  # focal_tversky only
+  config.loss.ce_weight = 1.0  # tversky_ce only
+  config.loss.smooth = 1e-5
+  # Sum TP/FP/FN over the global batch before the ratio (batch Tversky).
+  config.loss.pool_batch = True
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adam"  # adam, adamw, sgd
+  config.optimizer.learning_rate = 1e-4
+  # Learning rate multiplied by decay_rate every decay_steps (staircase).
+  config.optimizer.decay_steps = 1000
+  config.optimizer.decay_rate = 0.9
+  config.optimizer.weight_decay = 0.0  # adamw only
+  config.optimizer.momentum = 0.9  # sgd only
+  config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 2  # global batch, split over all devices
+  config.train.num_steps = 1000
+  config.train.log_every = 10
+  config.train.eval_every = 250
+  config.train.checkpoint_every = 250
+  config.train.keep_checkpoints = 3
+  config.train.best_metric = "f2"  # dsc, sensitivity, precision, f2, apr
+
+  config.inference = ml_collections.ConfigDict()
+  # Sliding window [x, y, z]; empty: the training patch shape.
+  config.inference.window = ()
+  config.inference.overlap = 0.5
+  config.inference.batch_size = 2
+  config.inference.mirror = False
+  config.inference.threshold = 0.5
+  return config

@@ -1,0 +1,33 @@
+"""The quick-start demo: synthetic lesion phantoms, a small 3D U-Net, CPU-sized.
+
+Generates the phantom dataset on first use (no download) and trains for a few
+minutes on a laptop CPU.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data.root = "data/Dataset900_SyntheticLesions"
+  config.data.synthesize_if_missing = True
+  config.data.synthetic_cases = 12
+  config.data.synthetic_shape = (48, 48, 48)
+  config.data.num_val_cases = 2
+  config.data.patch_shape = (32, 32, 32)
+  config.data.foreground_fraction = 0.5
+
+  config.model.base_features = 8
+  config.model.depth = 3
+
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.decay_steps = 200
+
+  config.train.batch_size = 4
+  config.train.num_steps = 300
+  config.train.log_every = 10
+  config.train.eval_every = 100
+  config.train.checkpoint_every = 100
+  return config

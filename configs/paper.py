@@ -1,0 +1,42 @@
+"""Salehi et al. (2017): whole 128x224x256 volumes, Adam 1e-4 x0.9/1000 steps.
+
+Three input channels (T1, T2, FLAIR), whole-volume training (no patches),
+Tversky loss with alpha = 0.3 (false positives) and beta = 0.7 (false
+negatives). Point ``data.root`` at an nnU-Net-layout dataset of registered
+volumes, e.g. ``--config.data.root=/data/Dataset001_MSSEG``. The paper trained
+1000 epochs of its 7-8 training volumes per fold in batches of one.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data.root = "data/Dataset001_Lesions"
+  config.data.synthesize_if_missing = False
+  config.data.patch_shape = ()  # whole volumes
+  config.data.num_val_cases = 2
+  config.data.random_flip = False
+
+  config.model.base_features = 16
+  config.model.depth = 4
+  config.model.normalization = "none"
+
+  config.loss.name = "tversky"
+  config.loss.alpha = 0.3
+  config.loss.beta = 0.7
+  config.loss.pool_batch = False
+
+  config.optimizer.name = "adam"
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.decay_steps = 1000
+  config.optimizer.decay_rate = 0.9
+
+  config.train.batch_size = 1
+  config.train.num_steps = 8000  # ~1000 epochs of 8 volumes
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+  config.inference.window = (128, 224, 256)
+  return config

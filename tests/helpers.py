@@ -1,0 +1,57 @@
+"""Shared pieces of the trainer tests: a tiny config and reading checkpoints."""
+
+import os
+
+import jax
+import numpy as np
+
+from configs import default
+from tversky_jax import checkpoint
+from tversky_jax import parallel
+from tversky_jax import train_lib
+
+
+def tiny_config(dataset_root, **overrides):
+  """A config that trains in seconds on 24^3 phantoms; keys are dotted."""
+  config = default.get_config()
+  config.data.root = str(dataset_root)
+  config.data.num_val_cases = 1
+  config.data.patch_shape = (16, 16, 16)
+  config.model.base_features = 4
+  config.model.depth = 2
+  config.optimizer.learning_rate = 1e-3
+  config.train.batch_size = 4
+  config.train.num_steps = 6
+  config.train.log_every = 2
+  config.train.eval_every = 0
+  config.train.checkpoint_every = 2
+  config.inference.window = (16, 16, 16)
+  config.inference.batch_size = 4
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def tiny_train_flags(dataset_root, workdir, **overrides):
+  """train.py flags for ``tiny_config(dataset_root)`` plus dotted overrides."""
+  return (["--config", f"tests/tiny_config.py:{dataset_root}",
+           f"--workdir={workdir}"]
+          + [f"--config.{key}={value}" for key, value in overrides.items()])
+
+
+def saved_params(workdir, config, step=None):
+  """(step, flat list of arrays) of the train state saved in ``workdir``."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  _, state = train_lib.create_train_state(config, 3, mesh)
+  manager = checkpoint.CheckpointManager(
+      os.path.join(workdir, "checkpoints"), async_save=False)
+  restored = manager.restore(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=x.sharding), state), step=step)
+  manager.close()
+  assert restored is not None, f"no checkpoint in {workdir}"
+  return restored.step, [np.asarray(x) for x in jax.tree.leaves(restored.state)]

@@ -1,0 +1,96 @@
+"""Multi-process training on localhost, preemption and corrupt checkpoints.
+
+Two processes with two CPU devices each run JAX's multi-controller runtime
+(``jax.distributed`` with a local coordinator and gloo collectives) through
+``train.py``: the code path of a multi-host GPU or TPU job.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+
+from tests.helpers import saved_params, tiny_config, tiny_train_flags
+from tversky_jax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def two_process_job(tiny_dataset, workdir, tmp_path, **overrides):
+  port = portpicker.pick_unused_port()
+  flags = tiny_train_flags(tiny_dataset, workdir, **overrides) + [
+      f"--coordinator=localhost:{port}", "--num_processes=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  processes = []
+  for i in range(2):
+    log = open(tmp_path / f"process{i}.log", "w")
+    processes.append(subprocess.Popen(
+        [sys.executable, "train.py", *flags, f"--process_id={i}"], cwd=ROOT,
+        env=env, stdout=log, stderr=subprocess.STDOUT))
+  return processes
+
+
+def wait_all(processes, tmp_path, timeout=400):
+  deadline = time.time() + timeout
+  codes = [p.wait(timeout=max(1, deadline - time.time())) for p in processes]
+  logs = [open(tmp_path / f"process{i}.log").read() for i in range(2)]
+  assert codes == [0, 0], logs[0][-3000:] + "\n-----\n" + logs[1][-3000:]
+  return logs
+
+
+def test_two_processes_equal_one_process_with_four_devices(
+    tiny_dataset, straight_run, tmp_path):
+  workdir = tmp_path / "run"
+  logs = wait_all(two_process_job(tiny_dataset, workdir, tmp_path), tmp_path)
+  assert "Done: 6 steps" in logs[0]
+  assert "Done: 6 steps" not in logs[1]  # only process 0 reports
+  step, params = saved_params(str(workdir), tiny_config(tiny_dataset))
+  assert step == straight_run[1] == 6
+  for a, b in zip(params, straight_run[2]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tiny_dataset,
+                                                         tmp_path):
+  workdir = tmp_path / "run"
+  processes = two_process_job(tiny_dataset, workdir, tmp_path,
+                              **{"train.num_steps": 400,
+                                 "train.checkpoint_every": 0})
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    assert time.time() < deadline
+    assert all(p.poll() is None for p in processes), (
+        open(tmp_path / "process0.log").read()[-3000:])
+    time.sleep(0.2)
+  processes[1].send_signal(signal.SIGTERM)
+  logs = wait_all(processes, tmp_path)
+  assert "all processes stop at step" in logs[0]
+  step, params = saved_params(
+      str(workdir), tiny_config(tiny_dataset, **{"train.num_steps": 400}))
+  assert 2 <= step < 400
+  assert f"Stopped at step {step}" in logs[0]
+  assert all(np.all(np.isfinite(p)) for p in params)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tiny_dataset,
+                                                            tmp_path, capsys):
+  config = tiny_config(tiny_dataset, **{"train.num_steps": 4})
+  train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  newest = tmp_path / "checkpoints" / "4" / "state"
+  files = sorted((p for p in newest.rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size, reverse=True)
+  with open(files[0], "r+b") as f:  # the largest file holds the arrays
+    f.truncate(files[0].stat().st_size // 3)
+  config.train.num_steps = 6
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  output = "".join(capsys.readouterr())
+  assert "checkpoint of step 4" in output and "unreadable" in output
+  assert "Resumed from the checkpoint of step 2" in output
+  assert summary.step == 6 and not summary.interrupted
+  assert saved_params(str(tmp_path), config)[0] == 6

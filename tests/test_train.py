@@ -1,0 +1,166 @@
+"""End-to-end tests of the trainer on tiny synthetic phantoms.
+
+The session fixture ``straight_run`` (tests/conftest.py) trains 6 steps on
+all 4 simulated devices once; the tests compare other runs with it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import saved_params, tiny_config
+from tversky_jax import parallel
+from tversky_jax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_same_params(got, expected, rtol, atol):
+  assert len(got) == len(expected)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def test_data_parallel_run_equals_single_device(tiny_dataset, straight_run,
+                                                tmp_path):
+  _, _, params_four = straight_run
+  config = tiny_config(tiny_dataset)
+  one = train_lib.train_and_evaluate(config, str(tmp_path),
+                                     devices=jax.devices()[:1], progress=False)
+  assert one.step == 6
+  _, params_one = saved_params(str(tmp_path), config)
+  assert_same_params(params_one, params_four, rtol=1e-4, atol=1e-6)
+  # Training moved the parameters away from their initial values.
+  _, init = train_lib.create_train_state(config, 3,
+                                         parallel.make_mesh(jax.devices()[:1]))
+  assert any(not np.allclose(a, np.asarray(b))
+             for a, b in zip(params_one, jax.tree.leaves(init)))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    tiny_dataset, straight_run, tmp_path):
+  config = tiny_config(tiny_dataset)
+  first = train_lib.train_and_evaluate(config, str(tmp_path), stop_after=3,
+                                       progress=False)
+  assert first.interrupted and first.step == 3
+  second = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert not second.interrupted and second.step == 6
+  step, params = saved_params(str(tmp_path), config)
+  assert step == 6
+  assert_same_params(params, straight_run[2], rtol=0, atol=0)
+
+
+def test_sigterm_saves_and_the_rerun_equals_uninterrupted(
+    tiny_dataset, straight_run, tmp_path, monkeypatch, capsys):
+  config = tiny_config(tiny_dataset, **{"train.checkpoint_every": 0})
+  calls = {"n": 0}
+  original = parallel.global_batch
+
+  def global_batch_then_signal(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(batch, mesh)
+
+  monkeypatch.setattr(parallel, "global_batch", global_batch_then_signal)
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert summary.interrupted and summary.step == 3
+  assert "Received SIGTERM" in capsys.readouterr().err
+  assert saved_params(str(tmp_path), config)[0] == 3
+  monkeypatch.undo()
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert summary.step == 6 and not summary.interrupted
+  assert_same_params(saved_params(str(tmp_path), config)[1], straight_run[2],
+                     rtol=0, atol=0)
+
+
+def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
+  config = tiny_config(tiny_dataset, **{"train.num_steps": 4,
+                                        "train.eval_every": 2,
+                                        "train.checkpoint_every": 0})
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert summary.best_step in (2, 4)
+  for name in train_lib.METRICS:
+    assert name in summary.final_metrics
+    assert f"pooled_{name}" in summary.final_metrics
+  assert 0.0 <= summary.final_metrics["specificity"] <= 1.0
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert {r["step"] for r in records} == {2, 4}
+  assert any("train/loss" in r and "train/voxels_per_s" in r for r in records)
+  assert any("val/f2" in r for r in records)
+  assert json.load(open(tmp_path / "config.json"))["loss"]["beta"] == 0.7
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
+                                                       monkeypatch):
+  config = tiny_config(tiny_dataset, **{"train.num_steps": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  config.train.num_steps = 6
+  original = train_lib.make_loss_fn
+  monkeypatch.setattr(
+      train_lib, "make_loss_fn",
+      lambda cfg: (lambda logits, labels: original(cfg)(logits, labels)
+                   * np.float32(np.nan)))
+  with pytest.raises(train_lib.TrainingDiverged,
+                     match=r"loss became nan at step 3.*checkpoint \(step 2\)"):
+    train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  step, params = saved_params(str(tmp_path), config)
+  assert step == 2
+  assert all(np.all(np.isfinite(p)) for p in params)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("loss.alpha", -0.1, "config.loss.alpha=-0.1: alpha"),
+    ("loss.name", "hinge", "config.loss.name='hinge': expected one of"),
+    ("train.batch_size", 3, "config.train.batch_size=3: the global batch "
+     "must be divisible by the 4 devices"),
+    ("data.patch_shape", (18, 16, 16), "multiple of 2\\*\\*model.depth = 4"),
+    ("model.dtype", "float16", "config.model.dtype='float16'"),
+    ("inference.overlap", 1.0, "config.inference.overlap=1.0"),
+])
+def test_bad_config_fails_before_compiling(tiny_dataset, tmp_path, key, value,
+                                           message):
+  config = tiny_config(tiny_dataset, **{key: value})
+  with pytest.raises(train_lib.ConfigError, match=message):
+    train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  config = tiny_config(str(tmp_path / "nowhere"))
+  with pytest.raises(train_lib.ConfigError, match="no dataset there"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+
+
+def test_every_loss_trains(tiny_dataset, tmp_path):
+  for name in train_lib.LOSSES:
+    config = tiny_config(tiny_dataset, **{"loss.name": name,
+                                          "train.num_steps": 1,
+                                          "model.dtype": "bfloat16"})
+    summary = train_lib.train_and_evaluate(config, str(tmp_path / name),
+                                           progress=False)
+    assert np.isfinite(summary.last_loss), name
+
+
+def test_train_py_rejects_unknown_keys_and_bad_values(tmp_path):
+  def run(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+  result = run("--config", "configs/demo.py", "--config.loss.gama=2",
+               f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  assert "gama" in result.stderr
+  result = run("--config", "configs/demo.py", "--config.loss.beta=-1",
+               f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.loss.beta=-1.0: beta (false-negative weight) must be "
+      ">= 0.")

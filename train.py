@@ -1,0 +1,76 @@
+"""Trains the 3D U-Net of Salehi et al. (2017) with the Tversky loss.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/paper.py --config.data.root=DATA \
+      --config.loss.beta=0.8
+
+Running the same command again resumes from the latest checkpoint in the
+workdir. Ctrl-C or SIGTERM saves a checkpoint and exits.
+"""
+
+import os
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from tversky_jax import parallel
+from tversky_jax import train_lib
+from tversky_jax.checkpoint import CheckpointError
+from tversky_jax.data.nifti import DatasetError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/demo.py", "Training configuration file.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Directory for checkpoints and metrics (default: runs/<config name>). In "
+    "a multi-host job it must be on a file system all hosts share.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Start JAX's multi-process runtime: auto = when a coordinator is given or "
+    "SLURM/Open MPI/TPU-pod variables show several processes.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 (clusters JAX does not "
+    "auto-detect); needs --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Index of this process.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Local accelerators of this process, e.g. "
+    "0,1,2,3 for one process per 4-GPU SLURM node (JAX otherwise assumes one "
+    "process per GPU).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # orbax logs every save at INFO level; keep the terminal for the progress
+  # bar and for what the user needs to act on.
+  logging.set_verbosity(logging.ERROR)
+  try:
+    parallel.initialize_distributed(
+        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        local_device_ids=[int(i) for i in _LOCAL_DEVICE_IDS.value or []])
+  except ValueError as error:
+    sys.exit(f"error: {error}")
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join(
+      "runs", os.path.splitext(os.path.basename(
+          flags.FLAGS["config"].config_filename))[0])
+  try:
+    summary = train_lib.train_and_evaluate(config, workdir)
+  except (train_lib.ConfigError, train_lib.TrainingDiverged, DatasetError,
+          CheckpointError) as error:
+    sys.exit(f"error: {error}")
+  if not summary.interrupted and jax.process_index() == 0:
+    print(f"Done: {summary.step} steps, workdir {os.path.abspath(workdir)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

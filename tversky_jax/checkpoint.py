@@ -1,0 +1,206 @@
+"""Checkpoints of a training run; the only module that talks to orbax.
+
+A checkpoint holds three items:
+
+* ``state``: the train state pytree (model parameters, optimizer state and
+  step counter), saved asynchronously while training goes on;
+* ``data``: the input pipeline's iterator state (grain), so a resumed run sees
+  exactly the batches an uninterrupted one would have seen (the random crops
+  and flips derive from the seed and this position);
+* ``meta``: JSON with the step, the run's config and the validation metrics.
+
+The latest ``max_to_keep`` checkpoints are kept, plus the best one by a
+validation metric. A checkpoint that cannot be read back (a killed write, a
+truncated file) is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+PyTree = Any
+
+_ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What :meth:`CheckpointManager.restore` returns."""
+
+  step: int
+  state: PyTree
+  data_state: dict[str, Any] | None
+  meta: dict[str, Any]
+
+
+class CheckpointManager:
+  """Saves and restores training checkpoints under ``directory``.
+
+  Args:
+    directory: where step folders are written (created if missing). For
+      multi-host runs it must be shared by all hosts; orbax writes
+      collectively.
+    max_to_keep: number of most recent checkpoints to keep.
+    best_metric: name of a validation metric; the checkpoint with its best
+      value is kept as well. None keeps only the latest ones.
+    best_mode: "max" (higher is better, e.g. F2) or "min" (e.g. a loss).
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               best_metric: str | None = "f2", best_mode: str = "max",
+               async_save: bool = True):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+    self.directory = os.fspath(os.path.abspath(directory))
+    self.best_metric = best_metric
+    keep = [policies.LatestN(n=max_to_keep)]
+    best_fn = None
+    if best_metric is not None:
+      best_fn = _metric_getter(best_metric)
+      keep.append(policies.BestN(get_metric_fn=best_fn,
+                                 reverse=best_mode == "min", n=1,
+                                 keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode=best_mode,
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=_ITEMS)
+
+  def save(self, step: int, state: PyTree, *, data_state: dict | None,
+           meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+    """Starts writing a checkpoint of ``state`` at ``step``.
+
+    Returns once the device arrays are copied; the write finishes in the
+    background (see :meth:`wait`). Raises CheckpointError with the reason
+    when the write cannot start (e.g. the disk is full); the checkpoints
+    already on disk stay intact because orbax commits a step by renaming its
+    folder only once every file is written.
+    """
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state or {}),
+        meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+    try:
+      self._manager.save(int(step), args=args, metrics=metrics, force=True)
+    except OSError as error:
+      raise CheckpointError(
+          f"could not write the checkpoint of step {step} to "
+          f"{self.directory}: {error}") from error
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    try:
+      self._manager.wait_until_finished()
+    except OSError as error:
+      raise CheckpointError(
+          f"writing a checkpoint to {self.directory} failed: {error}") from error
+
+  def close(self) -> None:
+    self.wait()
+    self._manager.close()
+
+  def all_steps(self) -> list[int]:
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def best_step(self) -> int | None:
+    """The step with the best ``best_metric`` (the latest when none has it)."""
+    self._manager.reload()
+    return self._manager.best_step()
+
+  def restore(self, abstract_state: PyTree, step: int | None = None
+              ) -> Restored | None:
+    """Restores a checkpoint onto the shardings of ``abstract_state``.
+
+    Args:
+      abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings)
+        of the same structure as the saved state.
+      step: the step to restore. None restores the latest readable
+        checkpoint: a newer one that fails to load is reported with a warning
+        and skipped.
+
+    Returns:
+      The restored checkpoint, or None when the directory holds none.
+
+    Raises:
+      CheckpointError: ``step`` was given and cannot be read, or checkpoints
+        exist but none can be read.
+    """
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(
+            f"no checkpoint of step {step} in {self.directory}; available: "
+            f"{steps}.")
+      return self._restore_step(abstract_state, step)
+    failures = []
+    for candidate in reversed(steps):
+      try:
+        restored = self._restore_step(abstract_state, candidate)
+      except CheckpointError as error:
+        failures.append(candidate)
+        _warn(f"warning: {error}; trying the previous checkpoint.")
+        continue
+      for broken in failures:  # training will write these steps again
+        self._manager.delete(broken)
+        _warn(f"warning: removed the unreadable checkpoint of step {broken}.")
+      return restored
+    if failures:
+      raise CheckpointError(
+          f"none of the checkpoints {failures} in {self.directory} is "
+          "readable; move the folder away to start afresh.")
+    return None
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """Reads only the JSON metadata (step, config, metrics) of ``step``."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta)
+
+  def _restore_step(self, abstract_state: PyTree, step: int) -> Restored:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(),
+                              meta=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as error:  # orbax/tensorstore raise many kinds
+      raise CheckpointError(
+          f"checkpoint of step {step} in {self.directory} is unreadable "
+          f"({type(error).__name__}: {_first_line(error)})") from error
+    return Restored(step=step, state=restored.state,
+                    data_state=dict(restored.data) or None,
+                    meta=dict(restored.meta))
+
+
+def _metric_getter(name: str):
+  def get(metrics: dict[str, float]) -> float:
+    return float(metrics[name])
+  return get
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else ""
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import saved_params, tiny_config
+from tversky_jax import checkpoint
 from tversky_jax import parallel
 from tversky_jax import train_lib
 
@@ -83,17 +84,26 @@ def test_sigterm_saves_and_the_rerun_equals_uninterrupted(
 def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
   config = tiny_config(tiny_dataset, **{"train.num_steps": 4,
                                         "train.eval_every": 2,
-                                        "train.checkpoint_every": 0})
+                                        "train.checkpoint_every": 0,
+                                        "data.num_val_cases": 2})
   summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert summary.best_step in (2, 4)
+  # The best checkpoint is the one whose metric is the highest.
+  val = {r["step"]: r["val/f2"] for r in records if "val/f2" in r}
   for name in train_lib.METRICS:
     assert name in summary.final_metrics
     assert f"pooled_{name}" in summary.final_metrics
   assert 0.0 <= summary.final_metrics["specificity"] <= 1.0
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert {r["step"] for r in records} == {2, 4}
   assert any("train/loss" in r and "train/voxels_per_s" in r for r in records)
-  assert any("val/f2" in r for r in records)
+  assert set(val) == {2, 4}
+  assert val[summary.best_step] == max(val.values())
+  assert summary.best_metrics["f2"] == max(val.values())
+  # The last checkpoint keeps its validation metrics (it is not re-saved).
+  manager = checkpoint.CheckpointManager(tmp_path / "checkpoints")
+  assert manager.restore_meta(4)["metrics"]["f2"] == val[4]
+  manager.close()
   assert json.load(open(tmp_path / "config.json"))["loss"]["beta"] == 0.7
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 

@@ -457,7 +457,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   interrupted = False
   step = start_step
 
+  saved_step = start_step
+
   def save(step, metrics=None):
+    nonlocal saved_step
+    saved_step = step
     manager.save(step, state, data_state=data_iter.get_state(),
                  meta={"config": config.to_dict(), "metrics": metrics or {}},
                  metrics=metrics)
@@ -471,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # devices this process cannot address).
     local_state = parallel.localize(state, local_mesh)
     values = evaluate_cases(val_cases, lambda x: logits(local_state, x),
-                            config, window, local_mesh.devices.flat)
+                            config, window, list(local_mesh.devices.flat))
     final_metrics = values
     writer.write(step, {f"val/{k}": v for k, v in values.items()})
     if is_lead:
@@ -522,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if pending is not None:
       last_loss = _check_finite(pending, step, manager)
     interrupted = step < num_steps
-    if step > start_step and manager.latest_step() != step:
+    if step != saved_step:
       save(step)
     if interrupted:
       _log(f"Stopped at step {step}; checkpoint saved. Run the same command "

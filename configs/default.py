@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_shape = (48, 48, 48)
   # Training cases held out for validation (the last ones, sorted by name).
   config.data.num_val_cases = 2
+  # k-fold cross-validation over the cases sorted by name: with num_folds > 0
+  # fold f holds out every case i with i % num_folds == f (instead of
+  # num_val_cases) and trains on the others.
+  config.data.num_folds = 0
+  config.data.fold = 0
   # Patch size [x, y, z]; an empty tuple trains on whole volumes (the paper),
   # zero-padded to a multiple of 2**model.depth.
   config.data.patch_shape = (32, 32, 32)

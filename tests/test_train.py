@@ -174,3 +174,21 @@ def test_train_py_rejects_unknown_keys_and_bad_values(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.loss.beta=-1.0: beta (false-negative weight) must be "
       ">= 0.")
+
+
+def test_cross_validation_folds_partition_the_cases(tiny_dataset):
+  cases = [f"case{i:03d}" for i in range(7)]
+  held_out = []
+  for fold in range(3):
+    config = tiny_config(tiny_dataset, **{"data.num_folds": 3,
+                                          "data.fold": fold})
+    train, val = train_lib.split_cases(cases, config)
+    assert sorted(train + val) == cases and not set(train) & set(val)
+    held_out += val
+  assert sorted(held_out) == cases
+  config = tiny_config(tiny_dataset, **{"data.num_folds": 3, "data.fold": 3})
+  with pytest.raises(train_lib.ConfigError, match="config.data.fold=3"):
+    train_lib.validate_config(config)
+  config = tiny_config(tiny_dataset, **{"data.num_folds": 9})
+  with pytest.raises(train_lib.ConfigError, match="only 7 training cases"):
+    train_lib.split_cases(cases, config)

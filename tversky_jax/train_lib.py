@@ -128,6 +128,11 @@ def validate_config(config: ml_collections.ConfigDict,
   require(0 <= config.data.foreground_fraction <= 1,
           "data.foreground_fraction", "must be in [0, 1]")
   require(config.data.num_val_cases >= 0, "data.num_val_cases", "must be >= 0")
+  require(config.data.num_folds == 0 or config.data.num_folds >= 2,
+          "data.num_folds", "must be 0 (no cross-validation) or >= 2")
+  require(config.data.num_folds == 0 or
+          0 <= config.data.fold < config.data.num_folds, "data.fold",
+          f"must be in [0, data.num_folds={config.data.num_folds})")
   require(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
   window = tuple(config.inference.window)
   require(window == () or (len(window) == 3 and
@@ -347,7 +352,8 @@ def prepare_dataset(config: ml_collections.ConfigDict
   """Reads (synthesising it first if allowed) and validates the dataset.
 
   Returns the dataset and the training and validation case ids: the last
-  ``config.data.num_val_cases`` cases (sorted by id) are held out.
+  ``config.data.num_val_cases`` cases (sorted by id) are held out or, with
+  ``config.data.num_folds = k > 0``, the cases ``i`` with ``i % k == fold``.
   """
   root = os.path.abspath(config.data.root)
   if not os.path.exists(root):
@@ -365,13 +371,28 @@ def prepare_dataset(config: ml_collections.ConfigDict
   dataset = nifti.read_dataset(root)
   nifti.validate_dataset(dataset, split="train")
   cases = sorted(dataset.training_cases)
+  return (dataset,) + split_cases(cases, config)
+
+
+def split_cases(cases: Sequence[str], config: ml_collections.ConfigDict
+                ) -> tuple[list[str], list[str]]:
+  """(training, held-out) case ids; see :func:`prepare_dataset`."""
+  cases = sorted(cases)
+  folds = config.data.num_folds
+  if folds:
+    if folds > len(cases):
+      raise ConfigError(
+          f"config.data.num_folds={folds}: the dataset has only {len(cases)} "
+          "training cases.")
+    held_out = [c for i, c in enumerate(cases) if i % folds == config.data.fold]
+    return [c for c in cases if c not in held_out], held_out
   num_val = config.data.num_val_cases
   if num_val >= len(cases):
     raise ConfigError(
         f"config.data.num_val_cases={num_val}: the dataset has only "
         f"{len(cases)} training cases; at least one must remain for training.")
   split = len(cases) - num_val
-  return dataset, cases[:split], cases[split:]
+  return cases[:split], cases[split:]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -76,7 +76,8 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=policies.AnyPreservationPolicy(keep),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=_ITEMS)
 
@@ -96,18 +97,22 @@ class CheckpointManager:
         meta=ocp.args.JsonSave(dict(meta, step=int(step))))
     try:
       self._manager.save(int(step), args=args, metrics=metrics, force=True)
-    except OSError as error:
+    except Exception as error:  # OSError, or tensorstore's ValueError
+      # An earlier asynchronous save may be the one that failed.
       raise CheckpointError(
-          f"could not write the checkpoint of step {step} to "
-          f"{self.directory}: {error}") from error
+          f"writing a checkpoint to {self.directory} failed "
+          f"({_first_line(error)}); the checkpoints already on disk are "
+          "intact") from error
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     try:
       self._manager.wait_until_finished()
-    except OSError as error:
+    except Exception as error:  # OSError, or tensorstore's ValueError
       raise CheckpointError(
-          f"writing a checkpoint to {self.directory} failed: {error}") from error
+          f"writing a checkpoint to {self.directory} failed "
+          f"({_first_line(error)}); the checkpoints already on disk are "
+          "intact") from error
 
   def close(self) -> None:
     self.wait()
@@ -198,7 +203,9 @@ def _metric_getter(name: str):
 
 def _first_line(error: Exception) -> str:
   text = str(error).strip()
-  return text.splitlines()[0][:300] if text else ""
+  if "No space left on device" in text:
+    return "no space left on device"
+  return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _warn(message: str) -> None:

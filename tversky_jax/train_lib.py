@@ -475,10 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       num_steps, start_step + stop_after)
   final_metrics: dict[str, float] = {}
   last_loss = float("nan")
-  interrupted = False
-  step = start_step
-
-  saved_step = start_step
+  step = saved_step = start_step
 
   def save(step, metrics=None):
     nonlocal saved_step
@@ -507,45 +504,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       patch_shape or window)
   bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step",
                   disable=not (progress and is_lead), dynamic_ncols=True)
+  # The loss of step k is read on the host while step k + 1 runs, so the
+  # device never waits for the check; every save flushes it first, so a NaN
+  # state is never written.
+  pending = None
+
+  def flush():
+    nonlocal pending, last_loss
+    if pending is not None:
+      last_loss = _check_finite(pending[1], pending[0], manager)
+      pending = None
+
   with _StopOnSignal() as stop_signal:
-    pending = None  # metrics of the previous step, read after the next launch
     window_start, window_steps = time.perf_counter(), 0
     while step < last_step and not stop_signal.should_stop(step):
       batch = parallel.global_batch(next(data_iter), mesh)
       state, step_metrics = train_step(state, batch)
       step += 1
       window_steps += 1
-      if pending is not None:
-        last_loss = _check_finite(pending, step - 1, manager)
-      pending = step_metrics
-      log_now = config.train.log_every and step % config.train.log_every == 0
-      if log_now or step == last_step:
-        last_loss = _check_finite(pending, step, manager)
-        pending = None
-        elapsed = time.perf_counter() - window_start
-        rate = window_steps / max(elapsed, 1e-9)
-        lr = float(schedule(step - 1))
+      flush()
+      pending = (step, step_metrics)
+      if (config.train.log_every and step % config.train.log_every == 0
+          or step == last_step):
+        flush()
+        rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
         writer.write(step, {"train/loss": last_loss,
                             "train/grad_norm": float(step_metrics["grad_norm"]),
-                            "train/learning_rate": lr,
+                            "train/learning_rate": float(schedule(step - 1)),
                             "train/steps_per_s": rate,
                             "train/voxels_per_s": rate * batch_voxels})
         bar.set_postfix(loss=f"{last_loss:.4f}", steps_s=f"{rate:.2f}",
                         vox_s=f"{rate * batch_voxels:.3g}")
         window_start, window_steps = time.perf_counter(), 0
       bar.update(1)
-      eval_now = config.train.eval_every and (
-          step % config.train.eval_every == 0 or step == num_steps)
-      if eval_now:
-        if pending is not None:
-          last_loss = _check_finite(pending, step, manager)
-          pending = None
+      if config.train.eval_every and (step % config.train.eval_every == 0 or
+                                      step == num_steps):
+        flush()
         save(step, validate(step))
       elif (config.train.checkpoint_every and
             step % config.train.checkpoint_every == 0):
+        flush()
         save(step)
-    if pending is not None:
-      last_loss = _check_finite(pending, step, manager)
+    flush()
     interrupted = step < num_steps
     if step != saved_step:
       save(step)

@@ -419,3 +419,18 @@ def test_write_nifti_rejects_bad_arguments(tmp_path):
     nifti.write_nifti(tmp_path / "x.png", np.zeros(SHAPE), AFFINE)
   with pytest.raises(ValueError, match="affine must be"):
     nifti.write_nifti(tmp_path / "x.nii.gz", np.zeros(SHAPE), np.eye(3))
+
+
+def test_write_nifti_keeps_a_qform_that_differs_from_the_sform(tmp_path):
+  qform = np.diag([1.0, 1.0, 1.0, 1.0])
+  qform[:3, 3] = [-10.0, 5.0, 2.0]
+  sform = AFFINE
+  ref = nib.Nifti1Image(np.zeros(SHAPE, np.float32), sform)
+  ref.header.set_qform(qform, code=1)
+  ref.header.set_sform(sform, code=2)
+  out = nifti.write_nifti(tmp_path / "mask.nii.gz", np.ones(SHAPE, np.uint8),
+                          sform, ref.header, np.uint8)
+  img = nib.load(out)
+  np.testing.assert_allclose(img.header.get_qform(), qform, atol=1e-5)
+  np.testing.assert_allclose(img.header.get_sform(), sform, atol=1e-6)
+  assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 2

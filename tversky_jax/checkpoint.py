@@ -127,7 +127,10 @@ class CheckpointManager:
     return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    """The step with the best ``best_metric`` (the latest when none has it)."""
+    """The step with the best ``best_metric``; None when no checkpoint has it.
+
+    Without a ``best_metric`` this is the latest step.
+    """
     self._manager.reload()
     return self._manager.best_step()
 

@@ -481,7 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nonlocal saved_step
     saved_step = step
     manager.save(step, state, data_state=data_iter.get_state(),
-                 meta={"config": config.to_dict(), "metrics": metrics or {}},
+                 meta={"config": config.to_dict(), "metrics": metrics or {},
+                       "channel_names": list(dataset.channel_names),
+                       "dataset_root": os.path.abspath(config.data.root)},
                  metrics=metrics)
 
   def validate(step):

@@ -535,13 +535,17 @@ def write_nifti(
     raise ValueError(f"affine must be [4, 4], got shape {affine.shape}")
   if header is None:
     header, qform_code, sform_code = nib.Nifti1Header(), 1, 1
+    qform = affine
   else:
     header = header.copy()
     qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    # The qform is a rigid transform and may differ from the sform; keep the
+    # reference's own when it has one.
+    qform = header.get_qform() if qform_code > 0 else affine
   img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine, header=header)
   img.set_data_dtype(dtype)
   img.header.set_slope_inter(None, None)
-  img.header.set_qform(affine, code=qform_code)
+  img.header.set_qform(qform, code=qform_code)
   img.header.set_sform(affine, code=sform_code)
   ending = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
   tmp = path.with_name(f".{path.name[: -len(ending)]}.tmp{os.getpid()}{ending}")

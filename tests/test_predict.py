@@ -1,0 +1,345 @@
+"""Tests of tversky_jax.predict: train a tiny run once, predict, evaluate.
+
+conftest.py gives four simulated CPU devices.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import default
+from tversky_jax import checkpoint
+from tversky_jax import evaluate
+from tversky_jax import parallel
+from tversky_jax import predict
+from tversky_jax import train_lib
+from tversky_jax.data import nifti
+from tversky_jax.data import synthetic
+
+SHAPE = (24, 24, 24)
+TEST_CASES = ("test_000", "test_001")
+CHANNELS = ("T1", "T2", "FLAIR")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A 2-step run with checkpoints at steps 1 and 2, not validated."""
+  base = tmp_path_factory.mktemp("predict")
+  root = base / "Dataset902_Predict"
+  synthetic.make_synthetic_dataset(root, num_cases=4, shape=SHAPE, seed=5,
+                                   num_test_cases=2)
+  config = default.get_config()
+  config.data.root = str(root)
+  config.data.num_val_cases = 1
+  config.data.patch_shape = (16, 16, 16)
+  config.model.base_features = 4
+  config.model.depth = 2
+  config.optimizer.learning_rate = 1e-3
+  config.train.batch_size = 4
+  config.train.num_steps = 2
+  config.train.log_every = 1
+  config.train.eval_every = 0
+  config.train.checkpoint_every = 1
+  config.inference.window = (16, 16, 16)
+  config.inference.batch_size = 4
+  workdir = base / "run"
+  summary = train_lib.train_and_evaluate(config, str(workdir), progress=False)
+  assert summary.step == 2
+  return types.SimpleNamespace(root=root, workdir=workdir, config=config,
+                               base=base)
+
+
+@pytest.fixture(scope="module")
+def cli_output(run):
+  """Masks and probabilities of imagesTs/ written by the CLI in-process."""
+  out = run.base / "cli_out"
+  status = predict.main(["--workdir", str(run.workdir), "--input",
+                         str(run.root), "--output", str(out),
+                         "--save-probabilities"])
+  assert status == 0
+  return out
+
+
+def _image_paths(root, case_id, split="imagesTs"):
+  return [root / split / f"{case_id}_{c:04d}.nii.gz" for c in range(3)]
+
+
+def _mask(path):
+  return np.asarray(nib.load(path).dataobj)
+
+
+def test_cli_writes_masks_on_the_input_grid(run, cli_output):
+  for case_id in TEST_CASES:
+    source = nib.load(_image_paths(run.root, case_id)[0])
+    mask_img = nib.load(cli_output / f"{case_id}.nii.gz")
+    prob_img = nib.load(cli_output / f"{case_id}_prob.nii.gz")
+    for img in (mask_img, prob_img):
+      assert img.shape == source.shape == SHAPE
+      np.testing.assert_array_equal(img.affine, source.affine)
+      np.testing.assert_array_equal(img.get_qform(), source.get_qform())
+      np.testing.assert_array_equal(img.get_sform(), source.get_sform())
+      assert int(img.header["qform_code"]) == int(source.header["qform_code"])
+      assert int(img.header["sform_code"]) == int(source.header["sform_code"])
+    assert mask_img.get_data_dtype() == np.uint8
+    assert prob_img.get_data_dtype() == np.float32
+    mask = np.asarray(mask_img.dataobj)
+    prob = np.asarray(prob_img.dataobj)
+    assert set(np.unique(mask)) <= {0, 1}
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
+
+
+def test_best_latest_and_step_checkpoints(run, capsys):
+  # Not validated: "best" is the latest, and says so.
+  assert predict.load_predictor(run.workdir).step == 2
+  assert "latest (no checkpoint has validation metrics)" in (
+      capsys.readouterr().err)
+  assert predict.load_predictor(run.workdir, "latest").step == 2
+  assert predict.load_predictor(run.workdir, "1").step == 1
+  with pytest.raises(predict.PredictError, match=r"available: \[1, 2\]"):
+    predict.load_predictor(run.workdir, 7)
+
+
+class _FakeManager:
+  """restore_meta() of checkpoints with the given validation metrics."""
+
+  def __init__(self, metrics):
+    self.metrics = metrics
+
+  def restore_meta(self, step):
+    return {"step": step, "metrics": self.metrics[step]}
+
+
+def test_best_is_the_highest_validation_metric_latest_on_ties():
+  manager = _FakeManager({1: {"f2": 0.3, "dsc": 0.9}, 2: {"f2": 0.5},
+                          3: {"f2": 0.5, "dsc": 0.1}, 4: {},
+                          5: {"f2": float("nan")}})
+  steps = [1, 2, 3, 4, 5]
+  assert predict._best_step(manager, steps, "f2") == 3
+  assert predict._best_step(manager, steps, "dsc") == 1
+  assert predict._best_step(manager, steps, "apr") is None
+
+
+def test_one_window_equals_the_direct_forward_pass(run):
+  predictor = predict.load_predictor(run.workdir, "latest", window=SHAPE)
+  assert predictor.channel_names == CHANNELS
+  image, _, _ = nifti.load_image_files(_image_paths(run.root, "test_000"))
+  image = nifti.normalize_image(image)
+  prob = predictor.predict_probability(image)
+  logits = np.asarray(predictor.logits(image[None]))[0]
+  direct = 1.0 - np.asarray(jax.nn.softmax(logits, axis=-1))[..., 0]
+  assert prob.shape == SHAPE and prob.dtype == np.float32
+  np.testing.assert_allclose(prob, direct, rtol=1e-5, atol=1e-6)
+  # The restored parameters are those train_lib restores (the predictor
+  # restores onto an abstract state; here a concretely initialised one).
+  mesh = parallel.make_mesh(jax.devices())
+  graphdef, state = train_lib.create_train_state(run.config, 3, mesh)
+  manager = checkpoint.CheckpointManager(run.workdir / "checkpoints",
+                                         async_save=False)
+  restored = manager.restore(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                  sharding=x.sharding), state),
+      step=2)
+  manager.close()
+  reference = train_lib.make_logits_fn(graphdef)(restored.state, image[None])
+  np.testing.assert_allclose(np.asarray(reference)[0], logits, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_function_api_on_a_plain_folder(run, cli_output, tmp_path):
+  predictor = predict.load_predictor(run.workdir)
+  inputs = predict.find_cases(run.root / "imagesTs", predictor.channel_names)
+  assert sorted(inputs.cases) == list(TEST_CASES) and not inputs.problems
+  report = predict.predict_cases(predictor, inputs.cases, tmp_path,
+                                 progress=False)
+  assert report.ok and sorted(report.masks) == list(TEST_CASES)
+  assert not report.probabilities
+  for case_id in TEST_CASES:
+    np.testing.assert_array_equal(_mask(report.masks[case_id]),
+                                  _mask(cli_output / f"{case_id}.nii.gz"))
+
+
+def test_subprocess_single_case_with_explicit_channels(run, cli_output,
+                                                       tmp_path):
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "tversky_jax.predict", "--workdir",
+       str(run.workdir), "--channels",
+       *map(str, _image_paths(run.root, "test_001")),
+       "--output", str(out), "--no-progress"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Wrote 1 of 1 mask(s)" in result.stdout
+  assert sorted(os.listdir(out)) == ["test_001.nii.gz"]
+  np.testing.assert_array_equal(_mask(out / "test_001.nii.gz"),
+                                _mask(cli_output / "test_001.nii.gz"))
+
+
+def test_round_trip_evaluation(run, cli_output, tmp_path, capsys):
+  result = evaluate.evaluate_folders(cli_output, run.root / "labelsTs",
+                                     tmp_path)
+  assert [c.case_id for c in result.cases] == list(TEST_CASES)
+  for case in result.cases:
+    mask = _mask(cli_output / f"{case.case_id}.nii.gz") != 0
+    label = _mask(run.root / "labelsTs" / f"{case.case_id}.nii.gz") != 0
+    assert case.tp == np.sum(mask & label)
+    assert case.fp == np.sum(mask & ~label)
+    assert case.fn == np.sum(~mask & label)
+    assert case.tp + case.fp + case.fn + case.tn == np.prod(SHAPE)
+    assert case.lesions.reference >= 1 and np.isfinite(case.apr)
+  assert result.pooled["tp"] + result.pooled["fn"] == sum(
+      np.sum(_mask(run.root / "labelsTs" / f"{c}.nii.gz") != 0)
+      for c in TEST_CASES)
+  rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+  assert [r["case"] for r in rows] == [*TEST_CASES, "pooled", "mean"]
+  for row in rows:
+    for name in evaluate.VOXEL_METRICS + evaluate.LESION_METRICS:
+      assert 0.0 <= float(row[name]) <= 1.0
+  assert (tmp_path / "pr_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The CLI on the same folders.
+  assert evaluate.main(["--predictions", str(cli_output), "--labels",
+                        str(run.root / "labelsTs"), "--output",
+                        str(tmp_path / "cli")]) == 0
+  assert "pooled" in capsys.readouterr().out
+  assert (tmp_path / "cli" / "metrics.csv").read_text() == (
+      tmp_path / "metrics.csv").read_text()
+
+
+def _one_error_line(capsys):
+  """The one ``error:`` line on stderr (besides the 'Restored ...' note)."""
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "Traceback" not in "\n".join(err)
+  errors = [line for line in err if not line.startswith("Restored the ")]
+  assert len(errors) == 1, err
+  assert errors[0].startswith("error: ")
+  return errors[0]
+
+
+def test_wrong_channel_count_names_the_missing_channel(run, tmp_path,
+                                                       capsys):
+  paths = _image_paths(run.root, "test_000")[:2]
+  status = predict.main(["--workdir", str(run.workdir), "--channels",
+                         *map(str, paths), "--output", str(tmp_path),
+                         "--no-progress"])
+  assert status == 1
+  line = _one_error_line(capsys)
+  assert "expects 3 channel file(s), in this order: T1, T2, FLAIR" in line
+  assert "missing: FLAIR" in line
+  assert not os.listdir(tmp_path)
+
+
+def test_case_missing_a_channel_is_skipped(run, tmp_path, capsys):
+  folder = tmp_path / "in"
+  shutil.copytree(run.root / "imagesTs", folder)
+  (folder / "test_001_0002.nii.gz").unlink()
+  out = tmp_path / "out"
+  status = predict.main(["--workdir", str(run.workdir), "--input",
+                         str(folder), "--output", str(out), "--no-progress"])
+  assert status == 1
+  assert sorted(os.listdir(out)) == ["test_000.nii.gz"]
+  err = capsys.readouterr().err
+  assert "error: case test_001: missing channel file(s) test_001_0002 " \
+         "(FLAIR)" in err
+  assert "1 case(s) failed: test_001" in err
+
+
+def test_unreadable_file_is_reported_and_skipped(run, tmp_path, capsys):
+  folder = tmp_path / "in"
+  shutil.copytree(run.root / "imagesTs", folder)
+  (folder / "test_000_0001.nii.gz").write_bytes(b"not a nifti file")
+  out = tmp_path / "out"
+  status = predict.main(["--workdir", str(run.workdir), "--input",
+                         str(folder), "--output", str(out), "--no-progress"])
+  assert status == 1
+  assert sorted(os.listdir(out)) == ["test_001.nii.gz"]
+  err = capsys.readouterr().err
+  assert "error: case test_000: cannot load image files:" in err
+  assert "test_000_0001.nii.gz: cannot read" in err
+
+
+def test_no_checkpoint_is_a_one_line_error(run, tmp_path, capsys):
+  common = ["--input", str(run.root), "--output", str(tmp_path / "out")]
+  assert predict.main(["--workdir", str(tmp_path / "nowhere"), *common]) == 1
+  assert "no such directory" in _one_error_line(capsys)
+  assert predict.main(["--workdir", str(tmp_path), *common]) == 1
+  assert "no checkpoint in" in _one_error_line(capsys)
+  (tmp_path / "checkpoints").mkdir()
+  assert predict.main(["--workdir", str(tmp_path), *common]) == 1
+  assert "no checkpoint in" in _one_error_line(capsys)
+  assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
+  common = ["--workdir", str(run.workdir), "--output", str(tmp_path / "out"),
+            "--no-progress"]
+  assert predict.main([*common, "--input", str(run.root),
+                       "--window", "18", "16", "16"]) == 1
+  assert "multiple of 2**depth = 4" in _one_error_line(capsys)
+  assert predict.main([*common, "--input", str(tmp_path / "nowhere")]) == 1
+  assert "no such directory" in _one_error_line(capsys)
+  assert predict.main([*common, "--input", str(run.root),
+                       "--checkpoint", "newest"]) == 1
+  assert "expected best, latest or a step" in _one_error_line(capsys)
+  # An input dataset whose dataset.json has the channels in another order.
+  other = tmp_path / "Dataset903_Other"
+  (other / "imagesTr").mkdir(parents=True)
+  meta = json.loads((run.root / "dataset.json").read_text())
+  meta["channel_names"] = {"0": "T1", "1": "FLAIR", "2": "T2"}
+  (other / "dataset.json").write_text(json.dumps(meta))
+  assert predict.main([*common, "--input", str(other)]) == 1
+  assert ("lists the channels (T1, FLAIR, T2) but the model was trained on "
+          "(T1, T2, FLAIR)") in _one_error_line(capsys)
+  # Channel names that do not fit the training dataset.
+  assert predict.main([*common, "--input", str(run.root / "imagesTs"),
+                       "--channel-names", "T1", "FLAIR"]) == 1
+  assert ("2 channel name(s) given (T1, FLAIR) but the model was trained on 3 "
+          "channel(s) (T1, T2, FLAIR)") in _one_error_line(capsys)
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(SystemExit) as exit_info:
+    predict.main(["--workdir", str(run.workdir), "--output", "x"])
+  assert exit_info.value.code == 2  # --input or --channels is required
+
+
+def test_channel_names_come_from_the_checkpoint(run, monkeypatch):
+  # The training dataset is not needed: the checkpoint names the channels.
+  monkeypatch.setattr(predict, "_training_channel_names", lambda *a: None)
+  predictor = predict.load_predictor(run.workdir)
+  assert predictor.channel_names == ("T1", "T2", "FLAIR")
+
+
+def test_training_dataset_not_found(run, monkeypatch):
+  # A checkpoint without channel names whose training dataset is gone.
+  monkeypatch.setattr(predict, "_training_channel_names", lambda *a: None)
+  restore_meta = checkpoint.CheckpointManager.restore_meta
+  monkeypatch.setattr(
+      checkpoint.CheckpointManager, "restore_meta",
+      lambda self, step: {k: v for k, v in restore_meta(self, step).items()
+                          if k != "channel_names"})
+  with pytest.raises(predict.PredictError,
+                     match="cannot find the training dataset.*--channel-names"):
+    predict.load_predictor(run.workdir)
+  predictor = predict.load_predictor(run.workdir,
+                                     channel_names=("t1", "t2", "flair"))
+  assert predictor.num_channels == 3
+
+
+def test_help_lists_the_options(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    predict.main(["--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for option in ("--workdir", "--checkpoint", "--input", "--channels",
+                 "--case-id", "--output", "--threshold",
+                 "--save-probabilities", "--window", "--overlap",
+                 "--batch-size", "--mirror"):
+    assert option in out

@@ -499,3 +499,17 @@ def test_out_of_range_labels_under_jit_are_not_checked_but_do_not_crash():
   assert np.isfinite(jitted(logits, labels))
   with pytest.raises(ValueError, match="class map has shape"):
     jitted(logits, labels[:, :3])
+
+
+def test_forward_mode_and_second_order_derivatives():
+  # jvp (and so jax.hessian) works: nothing here is a custom VJP.
+  logits, labels = random_case(21, (1, 3, 4, 5), 4)
+  f = lambda z: losses.tversky_loss(z, labels)  # noqa: E731
+  direction = np.random.default_rng(21).normal(size=logits.shape).astype(
+      np.float32)
+  _, forward = jax.jvp(f, (logits,), (direction,))
+  reverse = np.sum(np.asarray(jax.grad(f)(logits)) * direction)
+  np.testing.assert_allclose(forward, reverse, rtol=1e-5)
+  hessian = jax.hessian(f)(logits)
+  assert hessian.shape == logits.shape * 2
+  assert np.all(np.isfinite(hessian))

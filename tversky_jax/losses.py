@@ -114,6 +114,11 @@ def _probabilities(predictions: Array, from_logits: bool,
     # Softmax of two logits is the sigmoid of their difference: one exp.
     p1 = jax.nn.sigmoid(slices[1] - slices[0])
     return [1.0 - p1, p1]
+  return list(_softmax_classes(x))
+
+
+def _softmax_of_slices(x: Array) -> tuple[Array, ...]:
+  slices = _class_slices(x)
   m = slices[0]
   for s in slices[1:]:
     m = jnp.maximum(m, s)
@@ -122,7 +127,30 @@ def _probabilities(predictions: Array, from_logits: bool,
   for e in exps[1:]:
     total = total + e
   inv = 1.0 / total
-  return [e * inv for e in exps]
+  return tuple(e * inv for e in exps)
+
+
+@jax.custom_jvp
+def _softmax_classes(x: Array) -> tuple[Array, ...]:
+  """Softmax over the last axis of ``x``, one ``[batch, *spatial]`` per class.
+
+  The JVP is given in closed form, ``dp_c = p_c (dx_c - sum_j p_j dx_j)``:
+  differentiating through the max-subtracted exponentials instead makes
+  XLA:CPU run the backward pass 1.5x slower for 4 classes. A custom JVP
+  (rather than VJP) keeps forward-mode differentiation working.
+  """
+  return _softmax_of_slices(x)
+
+
+@_softmax_classes.defjvp
+def _softmax_classes_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  probs = _softmax_of_slices(x)
+  dxs = _class_slices(dx)
+  mean = probs[0] * dxs[0]
+  for p, d in zip(probs[1:], dxs[1:]):
+    mean = mean + p * d
+  return probs, tuple(p * (d - mean) for p, d in zip(probs, dxs))
 
 
 def _log_probabilities(predictions: Array, from_logits: bool,

@@ -192,3 +192,14 @@ def test_cross_validation_folds_partition_the_cases(tiny_dataset):
   config = tiny_config(tiny_dataset, **{"data.num_folds": 9})
   with pytest.raises(train_lib.ConfigError, match="only 7 training cases"):
     train_lib.split_cases(cases, config)
+
+
+def test_whole_volume_training_as_in_the_paper(tiny_dataset, tmp_path):
+  config = tiny_config(tiny_dataset, **{"data.patch_shape": (),
+                                        "inference.window": (),
+                                        "train.batch_size": 4,
+                                        "train.num_steps": 1,
+                                        "train.eval_every": 1})
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert np.isfinite(summary.last_loss)
+  assert 0.0 <= summary.final_metrics["sensitivity"] <= 1.0

@@ -423,6 +423,25 @@ def test_pmap_with_axis_name_equals_unsharded(pool_batch):
 
 
 @pytest.mark.parametrize("pool_batch", [True, False])
+def test_pmap_gradient_needs_the_usual_pmean(pool_batch):
+  # Under pmap, per-device gradients of the global (axis_name) loss average
+  # (pmean) to the unsharded gradient, as with any data-parallel pmap step.
+  logits, labels = _sharded_inputs()
+  expected = jax.grad(losses.tversky_loss)(logits, labels,
+                                           pool_batch=pool_batch)
+
+  def grad_per_device(scale, z, y):
+    g = jax.grad(lambda s: losses.tversky_loss(
+        z * s, y, pool_batch=pool_batch, axis_name="d"))(scale)
+    return jax.lax.pmean(g, "d")
+
+  scale_grad = jax.pmap(grad_per_device, axis_name="d", in_axes=(None, 0, 0))(
+      1.0, logits.reshape(4, 2, 6, 6, 6, 2), labels.reshape(4, 2, 6, 6, 6))
+  np.testing.assert_allclose(scale_grad, np.full(4, np.sum(expected * logits)),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool_batch", [True, False])
 @pytest.mark.parametrize("loss_name", ["tversky_loss", "tversky_ce_loss"])
 def test_shard_map_value_and_gradient_equal_unsharded(pool_batch, loss_name):
   loss_fn = getattr(losses, loss_name)

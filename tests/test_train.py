@@ -119,7 +119,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
       lambda cfg: (lambda logits, labels: original(cfg)(logits, labels)
                    * np.float32(np.nan)))
   with pytest.raises(train_lib.TrainingDiverged,
-                     match=r"loss became nan at step 3.*checkpoint \(step 2\)"):
+                     match=r"became nan at step 3.*checkpoint \(step 2\)"):
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   step, params = saved_params(str(tmp_path), config)
   assert step == 2
@@ -134,6 +134,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
     ("data.patch_shape", (18, 16, 16), "multiple of 2\\*\\*model.depth = 4"),
     ("model.dtype", "float16", "config.model.dtype='float16'"),
     ("inference.overlap", 1.0, "config.inference.overlap=1.0"),
+    ("seed", -1, "config.seed=-1: must be >= 0"),
+    ("data.synthetic_shape", (8, 8, 8), "each >= 16"),
 ])
 def test_bad_config_fails_before_compiling(tiny_dataset, tmp_path, key, value,
                                            message):
@@ -203,3 +205,27 @@ def test_whole_volume_training_as_in_the_paper(tiny_dataset, tmp_path):
   summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   assert np.isfinite(summary.last_loss)
   assert 0.0 <= summary.final_metrics["sensitivity"] <= 1.0
+
+
+def test_resuming_with_a_different_network_is_a_clear_error(
+    tiny_dataset, tmp_path):
+  config = tiny_config(tiny_dataset, **{"train.num_steps": 2})
+  train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  config.model.depth = 3
+  config.data.patch_shape = (16, 16, 16)
+  with pytest.raises(train_lib.ConfigError,
+                     match="config.model.depth=3: the run in .* was trained "
+                           "with model.depth=2"):
+    train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def test_best_checkpoint_ignores_missing_and_nan_metrics(tmp_path):
+  manager = checkpoint.CheckpointManager(tmp_path, best_metric="apr",
+                                         async_save=False)
+  state = {"w": np.zeros(3, np.float32)}
+  manager.save(1, state, data_state=None, meta={}, metrics={"apr": 0.4})
+  manager.save(2, state, data_state=None, meta={}, metrics={"apr": float("nan")})
+  manager.save(3, state, data_state=None, meta={}, metrics={"f2": 0.9})
+  manager.save(4, state, data_state=None, meta={}, metrics={"apr": 0.2})
+  assert manager.best_step() == 1
+  manager.close()

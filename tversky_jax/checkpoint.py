@@ -17,7 +17,9 @@ truncated file) is skipped with a warning and the previous one is used.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -69,7 +71,7 @@ class CheckpointManager:
     keep = [policies.LatestN(n=max_to_keep)]
     best_fn = None
     if best_metric is not None:
-      best_fn = _metric_getter(best_metric)
+      best_fn = _metric_getter(best_metric, best_mode)
       keep.append(policies.BestN(get_metric_fn=best_fn,
                                  reverse=best_mode == "min", n=1,
                                  keep_checkpoints_without_metrics=False))
@@ -168,14 +170,27 @@ class CheckpointManager:
         _warn(f"warning: {error}; trying the previous checkpoint.")
         continue
       for broken in failures:  # training will write these steps again
-        self._manager.delete(broken)
-        _warn(f"warning: removed the unreadable checkpoint of step {broken}.")
+        self._quarantine(broken)
       return restored
     if failures:
       raise CheckpointError(
           f"none of the checkpoints {failures} in {self.directory} is "
           "readable; move the folder away to start afresh.")
     return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step aside (kept for inspection, not deleted)."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory,
+                          f"unreadable_step{step}_{int(time.time())}")
+    if jax.process_index() == 0 and os.path.isdir(source):
+      os.rename(source, target)
+      _warn(f"warning: moved the unreadable checkpoint of step {step} to "
+            f"{target}.")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"quarantine_{step}")
+    self._manager.reload()
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     """Reads only the JSON metadata (step, config, metrics) of ``step``."""
@@ -198,9 +213,14 @@ class CheckpointManager:
                     meta=dict(restored.meta))
 
 
-def _metric_getter(name: str):
+def _metric_getter(name: str, mode: str):
+  worst = -math.inf if mode == "max" else math.inf
+
   def get(metrics: dict[str, float]) -> float:
-    return float(metrics[name])
+    # A missing or NaN value (e.g. APR without lesions) ranks last.
+    value = float(metrics.get(name, worst))
+    return worst if math.isnan(value) else value
+
   return get
 
 

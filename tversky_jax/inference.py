@@ -11,8 +11,9 @@ Conventions:
   function that merges the graph and state and applies the model). Its
   parameters must be uncommitted or replicated over the ``devices`` given
   here. Parameters placed on a mesh with Explicit axes (``jax.make_mesh``'s
-  default) need that mesh set: call this inside ``jax.set_mesh(mesh)``, as the
-  training loop does; the windows then use the context mesh's axis type.
+  default) need that mesh set: call this inside ``jax.set_mesh(mesh)``; the windows
+  then use the context mesh's axis type. (The training loop instead copies
+  the parameters onto a local mesh with Auto axes.)
 * **Blending.** Overlapping windows are averaged with an nnU-Net-style
   Gaussian importance map ``w`` (high in the window centre, where the network
   sees the most context): ``p(v) = sum_k w_k(v) p_k(v) / sum_k w_k(v)``.
@@ -187,7 +188,7 @@ def _resolve_devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
 def _data_mesh(devices: list[jax.Device]) -> tuple[Mesh, bool]:
   """A 1-D mesh "data" over devices, compatible with the caller's mesh.
 
-  Inside ``jax.set_mesh`` (e.g. validation in the training loop), arrays must
+  Inside ``jax.set_mesh`` (a caller's Explicit-axis mesh), arrays must
   live on the context mesh, so the window axis copies the axis type of the
   context's "data" axis (``jax.make_mesh`` makes it Explicit) and the mesh is
   made the context mesh while we run; over the same devices it then equals

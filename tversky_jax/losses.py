@@ -63,8 +63,11 @@ __all__ = [
 
 
 def _concrete(x: Any) -> np.ndarray | None:
-  """Returns ``x`` as a NumPy array, or None when it is traced (under jit...)."""
+  """Returns ``x`` as a NumPy array, or None when it is traced (under jit...)
+  or spread over hosts (then its values cannot be checked here)."""
   try:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return None
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError,
           jax.errors.ConcretizationTypeError):

@@ -134,6 +134,14 @@ def validate_config(config: ml_collections.ConfigDict,
           0 <= config.data.fold < config.data.num_folds, "data.fold",
           f"must be in [0, data.num_folds={config.data.num_folds})")
   require(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
+  require(config.data.prefetch_batches >= 0, "data.prefetch_batches",
+          "must be >= 0")
+  require(config.seed >= 0, "seed", "must be >= 0")
+  require(config.data.synthetic_cases > config.data.num_val_cases,
+          "data.synthetic_cases", "must exceed data.num_val_cases")
+  require(len(config.data.synthetic_shape) == 3 and
+          all(s >= 16 for s in config.data.synthetic_shape),
+          "data.synthetic_shape", "expected 3 sizes, each >= 16")
   window = tuple(config.inference.window)
   require(window == () or (len(window) == 3 and
                            all(w > 0 and w % divisor == 0 for w in window)),
@@ -356,18 +364,20 @@ def prepare_dataset(config: ml_collections.ConfigDict
   ``config.data.num_folds = k > 0``, the cases ``i`` with ``i % k == fold``.
   """
   root = os.path.abspath(config.data.root)
-  if not os.path.exists(root):
-    if not config.data.synthesize_if_missing:
-      raise ConfigError(
-          f"config.data.root={config.data.root!r}: no dataset there. Point it "
-          "at an nnU-Net-layout folder or set "
-          "--config.data.synthesize_if_missing=True for phantoms.")
-    if jax.process_index() == 0:
+  if config.data.synthesize_if_missing:
+    # Only process 0 decides and writes; every process waits for it, so no
+    # process races ahead on a half-visible shared folder.
+    if jax.process_index() == 0 and not os.path.exists(root):
       _log(f"Writing synthetic lesion phantoms to {root} ...")
       synthetic.make_synthetic_dataset(
           root, num_cases=config.data.synthetic_cases,
           shape=tuple(config.data.synthetic_shape), seed=config.seed)
     _sync_processes("synthetic_dataset")
+  if not os.path.exists(root):
+    raise ConfigError(
+        f"config.data.root={config.data.root!r}: no dataset there. Point it "
+        "at an nnU-Net-layout folder or set "
+        "--config.data.synthesize_if_missing=True for phantoms.")
   dataset = nifti.read_dataset(root)
   nifti.validate_dataset(dataset, split="train")
   cases = sorted(dataset.training_cases)
@@ -429,7 +439,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   is_lead = jax.process_index() == 0
   dataset, train_ids, val_ids = prepare_dataset(config)
-  _write_config(config, workdir, is_lead)
 
   divisor = unet3d.required_divisor(config.model.depth)
   train_cases = pipeline.load_training_cases(dataset, train_ids,
@@ -460,6 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       worker_count=config.data.worker_count,
       prefetch_batches=config.data.prefetch_batches)
 
+  if manager.latest_step() is not None:
+    _check_resumable(config, workdir)
+  _write_config(config, workdir, is_lead)
   start_step = 0
   restored = manager.restore(_abstract(state))
   if restored is not None:
@@ -503,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {k: v for k, v in values.items() if np.isfinite(v)}
 
   batch_voxels = config.train.batch_size * math.prod(
-      patch_shape or window)
+      patch_shape or _whole_volume_shape(train_cases, divisor))
   bar = tqdm.tqdm(total=num_steps, initial=start_step, unit="step",
                   disable=not (progress and is_lead), dynamic_ncols=True)
   # The loss of step k is read on the host while step k + 1 runs, so the
@@ -555,6 +567,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _log(f"Stopped at step {step}; checkpoint saved. Run the same command "
            "again to resume.")
   bar.close()
+  data_iter.close()
   manager.wait()
   best_step = manager.best_step()
   best_metrics = {}
@@ -572,14 +585,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _check_finite(step_metrics, step: int, manager) -> float:
+  # The loss of step k comes from the parameters before its update; a finite
+  # gradient norm too means the updated parameters are finite.
   loss = float(step_metrics["loss"])
-  if not np.isfinite(loss):
+  if not (np.isfinite(loss) and np.isfinite(float(step_metrics["grad_norm"]))):
     manager.wait()
     latest = manager.latest_step()
     kept = (f"the last good checkpoint (step {latest}) is kept"
             if latest is not None else "no checkpoint had been written yet")
     raise TrainingDiverged(
-        f"the loss became {loss} at step {step}; training stopped and {kept}. "
+        f"the loss (or its gradient) became {loss if not np.isfinite(loss) else 'inf/nan'} "
+        f"at step {step}; training stopped and {kept}. "
         "Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or "
         "check the data.")
   return loss
@@ -600,6 +616,34 @@ def _format_metrics(values: dict[str, float]) -> str:
   return "  ".join(f"{k} {values[k]:.4f}" for k in METRICS if k in values)
 
 
+# Keys whose change makes a checkpoint unloadable (parameter or optimizer
+# state structure) or its data position meaningless (grain's state layout).
+_STRUCTURAL_KEYS = ("model.base_features", "model.depth",
+                    "model.normalization", "optimizer.name",
+                    "optimizer.grad_clip_norm", "data.worker_count")
+
+
+def _check_resumable(config, workdir: str) -> None:
+  """Raises ConfigError when ``workdir``'s run cannot continue with ``config``."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(json.dumps(config.to_dict()))
+  for key in _STRUCTURAL_KEYS:
+    section, name = key.split(".")
+    before = old.get(section, {}).get(name)
+    after = new[section][name]
+    if key == "optimizer.grad_clip_norm":  # only on/off changes the state
+      before, after = bool(before), bool(after)
+    if before is not None and before != after:
+      raise ConfigError(
+          f"config.{key}={_lookup(config, key)!r}: the run in {workdir} was "
+          f"trained with {key}={old[section][name]!r} and its checkpoints "
+          "cannot continue with this change; use another --workdir.")
+
+
 def _write_config(config, workdir: str, is_lead: bool) -> None:
   if not is_lead:
     return
@@ -609,8 +653,8 @@ def _write_config(config, workdir: str, is_lead: bool) -> None:
     with open(path) as f:
       old = json.load(f)
     if json.loads(json.dumps(new)) != old:
-      _log(f"warning: the config differs from the one in {path}; the run "
-           "resumes from its checkpoint with the new config.")
+      _log(f"note: the config differs from the one in {path}; the run "
+           "continues from its checkpoint with the new config.")
   with open(path, "w") as f:
     json.dump(new, f, indent=2)
 

@@ -1,0 +1,741 @@
+"""The alpha/beta sweep of Table 1 of Salehi et al. (2017), with k-fold CV.
+
+  python -m tversky_jax.experiments.sweep --config configs/sweep.py \
+      --workdir runs/sweep [--config.sweep.seeds=3] [--report_only]
+
+For every (alpha, beta) of ``config.sweep.settings``, every seed
+``config.seed + i`` (``i < config.sweep.seeds``) and every fold
+``f < config.sweep.num_folds`` it
+
+1. trains the U-Net of ``config`` with ``loss.alpha, loss.beta = alpha, beta``,
+   ``seed`` and ``data.num_folds, data.fold`` set, and nothing else changed,
+   in ``<workdir>/a{alpha}_b{beta}/seed{seed}/fold{f}``
+   (:func:`tversky_jax.train_lib.train_and_evaluate`; no validation during
+   training, so the held-out fold never selects a checkpoint);
+2. predicts the fold's held-out cases with the final checkpoint
+   (:func:`tversky_jax.predict.load_predictor`, ``checkpoint="latest"``) and
+   evaluates them per case (:func:`tversky_jax.evaluate.evaluate_case`: DSC,
+   sensitivity, specificity, precision, F2 at ``inference.threshold``, APR
+   of the probabilities, lesion-wise detection);
+3. writes ``result.json`` (the per-case metrics and the run's config) and
+   ``heldout.npz`` (the held-out probabilities and labels, for the pooled
+   precision-recall curves) in the run's folder.
+
+``result.json`` is written last and marks a finished run: running the same
+command again skips finished runs (no training, no prediction) and resumes an
+unfinished one from its checkpoint. A finished run whose config differs from
+the current one is an error (use a new ``--workdir``).
+
+A run's seed sets both the model initialisation and the training data order;
+for a given seed and fold both are identical for every (alpha, beta), so the
+settings are compared on paired runs. The dataset is fixed (phantoms from
+``sweep.data_seed`` by default).
+
+Finally it writes, in ``workdir``,
+
+* ``results.md``: Table 1's layout (alpha, beta, DSC, sensitivity,
+  specificity, F2, APR in %, mean +- std over the held-out cases of all seeds),
+  the spread over seeds (std of the per-seed means), paired differences to the
+  first setting per seed, and lesion-wise detection;
+* ``results.csv``: one row per setting x seed x held-out case;
+* ``pr_curves.png``: one precision-recall curve per (alpha, beta), pooled over
+  every held-out voxel of every fold and seed, with the operating point at the
+  threshold marked;
+
+and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from tversky_jax import evaluate
+from tversky_jax import predict
+from tversky_jax import train_lib
+from tversky_jax.data import nifti
+from tversky_jax.data import pipeline
+from tversky_jax.data import synthetic
+
+RESULT_FILE = "result.json"
+HELDOUT_FILE = "heldout.npz"
+DEFAULT_PHANTOMS = "Dataset902_SweepPhantoms"
+# Table 1's metrics, in its order, and their column titles.
+TABLE_METRICS = (("dsc", "DSC"), ("sensitivity", "Sensitivity"),
+                 ("specificity", "Specificity"), ("f2", "F2"), ("apr", "APR"))
+CSV_COLUMNS = ("alpha", "beta", "seed", "fold") + evaluate.COLUMNS
+
+
+class SweepError(ValueError):
+  """The sweep cannot run as configured; the message is one line."""
+
+
+class SweepInterrupted(RuntimeError):
+  """Training was stopped by a signal; the checkpoint is saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the sweep."""
+
+  alpha: float
+  beta: float
+  seed: int
+  fold: int
+
+  @property
+  def setting(self) -> tuple[float, float]:
+    return (self.alpha, self.beta)
+
+  def relpath(self) -> str:
+    return os.path.join(setting_name(self.alpha, self.beta),
+                        f"seed{self.seed}", f"fold{self.fold}")
+
+  def label(self) -> str:
+    return (f"alpha={self.alpha:g} beta={self.beta:g} seed {self.seed} "
+            f"fold {self.fold}")
+
+
+def setting_name(alpha: float, beta: float) -> str:
+  """Folder name of a setting: ``a0.3_b0.7``."""
+  return f"a{alpha:g}_b{beta:g}"
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+def settings_of(config: ml_collections.ConfigDict
+                ) -> list[tuple[float, float]]:
+  """``config.sweep.settings`` as a list of (alpha, beta) floats, checked."""
+  raw = config.sweep.settings
+  try:
+    settings = [(float(a), float(b)) for a, b in raw]
+  except (TypeError, ValueError):
+    raise SweepError(
+        f"config.sweep.settings={raw!r}: expected (alpha, beta) pairs, e.g. "
+        "'((0.5, 0.5), (0.3, 0.7))'") from None
+  if not settings:
+    raise SweepError("config.sweep.settings is empty")
+  for a, b in settings:
+    if not (a >= 0 and b >= 0 and a + b > 0):
+      raise SweepError(f"config.sweep.settings: ({a}, {b}): alpha and beta "
+                       "must be >= 0 with alpha + beta > 0")
+  names = [setting_name(a, b) for a, b in settings]
+  if len(set(names)) != len(names):
+    raise SweepError(f"config.sweep.settings={raw!r}: a setting is repeated")
+  return settings
+
+
+def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
+  """Every run of the sweep, setting-major (then seed, then fold)."""
+  sweep = config.sweep
+  if sweep.seeds < 1:
+    raise SweepError(f"config.sweep.seeds={sweep.seeds}: must be >= 1")
+  if sweep.num_folds < 2:
+    raise SweepError(f"config.sweep.num_folds={sweep.num_folds}: must be >= 2 "
+                     "(k-fold cross-validation)")
+  return [Run(a, b, config.seed + i, f) for a, b in settings_of(config)
+          for i in range(sweep.seeds) for f in range(sweep.num_folds)]
+
+
+def dataset_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The dataset folder: ``data.root``, or the phantoms under ``workdir``."""
+  return config.data.root or os.path.join(workdir, DEFAULT_PHANTOMS)
+
+
+def run_config(config: ml_collections.ConfigDict, run: Run,
+               root: str) -> ml_collections.ConfigDict:
+  """The training config of one run: ``config`` without ``sweep``, with the
+  run's alpha, beta, seed and fold, no validation during training and the
+  dataset at ``root``."""
+  values = config.to_dict()
+  values.pop("sweep", None)
+  cfg = ml_collections.ConfigDict(values)
+  cfg.seed = run.seed
+  cfg.loss.alpha = run.alpha
+  cfg.loss.beta = run.beta
+  cfg.data.root = root
+  cfg.data.synthesize_if_missing = False  # the sweep writes the phantoms
+  cfg.data.num_folds = config.sweep.num_folds
+  cfg.data.fold = run.fold
+  cfg.train.eval_every = 0
+  return cfg
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, workdir: str,
+                    log=print) -> nifti.Dataset:
+  """Reads the sweep's dataset, writing the phantoms first when missing.
+
+  Raises:
+    SweepError: no dataset and ``data.synthesize_if_missing`` is off, or
+      existing phantoms were made with other settings than the config's.
+  """
+  root = dataset_root(config, workdir)
+  data = config.data
+  if not os.path.exists(root):
+    if not data.synthesize_if_missing:
+      raise SweepError(
+          f"config.data.root={root!r}: no dataset there; point it at an "
+          "nnU-Net-layout folder or set config.data.synthesize_if_missing=True")
+    log(f"Writing {data.synthetic_cases} synthetic phantoms of "
+        f"{tuple(data.synthetic_shape)} voxels to {root} ...")
+    synthetic.make_synthetic_dataset(
+        root, num_cases=data.synthetic_cases,
+        shape=tuple(data.synthetic_shape), seed=config.sweep.data_seed)
+  elif data.synthesize_if_missing and not config.data.root:
+    _check_phantoms(root, config)
+  dataset = nifti.read_dataset(root)
+  nifti.validate_dataset(dataset, split="train")
+  if len(dataset.training_cases) < config.sweep.num_folds:
+    raise SweepError(
+        f"config.sweep.num_folds={config.sweep.num_folds}: the dataset {root} "
+        f"has only {len(dataset.training_cases)} training cases")
+  return dataset
+
+
+def _check_phantoms(root: str, config: ml_collections.ConfigDict) -> None:
+  """Existing default phantoms must match the config they were made for."""
+  try:
+    meta = json.loads((Path(root) / "dataset.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return  # read_dataset reports it
+  made = meta.get("synthetic") or {}
+  want = {"seed": config.sweep.data_seed,
+          "shape": list(config.data.synthetic_shape),
+          "cases": config.data.synthetic_cases}
+  have = {"seed": made.get("seed"), "shape": made.get("shape"),
+          "cases": meta.get("numTraining")}
+  if have != want:
+    raise SweepError(
+        f"the phantoms in {root} were made with {have}, the config asks for "
+        f"{want}; use a new --workdir")
+
+
+# --------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _config_differences(old: dict[str, Any],
+                        new: ml_collections.ConfigDict) -> list[str]:
+  """Keys whose values differ (data.root is allowed to move)."""
+  a = _flat(old)
+  b = _flat(json.loads(json.dumps(new.to_dict())))
+  keys = sorted((set(a) | set(b)) - {"data.root"})
+  return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def load_result(run_dir: str) -> dict[str, Any] | None:
+  """The finished run's ``result.json``, or None when it is not finished."""
+  path = os.path.join(run_dir, RESULT_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json_atomic(path: str, value: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
+def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
+                dataset: nifti.Dataset) -> dict[str, Any]:
+  """Trains, predicts the held-out fold, evaluates; writes the run's files.
+
+  Returns:
+    The content of ``result.json``.
+
+  Raises:
+    SweepInterrupted: training stopped on SIGINT/SIGTERM (checkpoint saved).
+  """
+  start = time.perf_counter()
+  summary = train_lib.train_and_evaluate(cfg, run_dir, progress=False)
+  if summary.interrupted:
+    raise SweepInterrupted(
+        f"{run.label()} stopped at step {summary.step}; the checkpoint is "
+        "saved: run the same command again to resume.")
+  trained = time.perf_counter()
+  _, held_out = train_lib.split_cases(dataset.training_cases, cfg)
+  predictor = predict.load_predictor(run_dir, checkpoint="latest",
+                                     channel_names=dataset.channel_names)
+  cases = pipeline.load_training_cases(dataset, held_out, progress=False)
+  rows, probs, labels = [], {}, {}
+  for case in cases:
+    prob = predictor.predict_probability(case.image)
+    result = evaluate.evaluate_case(predictor.predict_mask(prob), case.label,
+                                    prob, case.case_id)
+    rows.append(result.row())
+    probs[case.case_id] = prob.astype(np.float32)
+    labels[case.case_id] = case.label.astype(np.uint8)
+  np.savez_compressed(
+      os.path.join(run_dir, HELDOUT_FILE),
+      case_ids=np.array(list(probs)),
+      **{f"prob/{k}": v for k, v in probs.items()},
+      **{f"label/{k}": v for k, v in labels.items()})
+  done = time.perf_counter()
+  record = {
+      "alpha": run.alpha, "beta": run.beta, "seed": run.seed,
+      "fold": run.fold, "step": int(predictor.step),
+      "last_loss": float(summary.last_loss),
+      "threshold": float(predictor.threshold),
+      "held_out": list(held_out),
+      "train_seconds": round(trained - start, 2),
+      "eval_seconds": round(done - trained, 2),
+      "cases": rows,
+      "config": json.loads(json.dumps(cfg.to_dict())),
+  }
+  _write_json_atomic(os.path.join(run_dir, RESULT_FILE), record)
+  return record
+
+
+def _mean_of(rows: Sequence[dict[str, Any]], key: str) -> float:
+  values = np.array([r[key] for r in rows], np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else math.nan
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
+              train: bool = True, log=print) -> dict[str, Any]:
+  """Runs (or resumes) the sweep of ``config`` and writes the report.
+
+  Args:
+    config: ``configs/sweep.py`` keys.
+    workdir: the sweep's folder (runs, report, default phantoms).
+    train: False only reports the finished runs (``--report_only``).
+    log: where progress lines go.
+
+  Returns:
+    ``{"results": [result.json of each finished run], "missing": [Run],
+    "markdown": str, "paths": {...}}``.
+
+  Raises:
+    SweepError: bad sweep settings, no dataset, or a finished run made with
+      another config.
+    SweepInterrupted: a training run was stopped by a signal.
+  """
+  runs = runs_of(config)
+  os.makedirs(workdir, exist_ok=True)
+  dataset = prepare_dataset(config, workdir, log) if train else None
+  root = dataset_root(config, workdir)
+  results, missing = [], []
+  sweep_start = time.perf_counter()
+  for i, run in enumerate(runs, 1):
+    run_dir = os.path.join(workdir, run.relpath())
+    cfg = run_config(config, run, root)
+    prefix = f"[{i}/{len(runs)}] {run.label()}:"
+    record = load_result(run_dir)
+    if record is not None:
+      changed = _config_differences(record.get("config", {}), cfg)
+      if changed:
+        raise SweepError(
+            f"{run_dir} finished with another config (differs in "
+            f"{', '.join(changed[:6])}); use a new --workdir or delete it")
+      log(f"{prefix} finished before, skipped")
+      results.append(record)
+      continue
+    if not train:
+      missing.append(run)
+      continue
+    record = execute_run(run, cfg, run_dir, dataset)
+    results.append(record)
+    rows = record["cases"]
+    log(f"{prefix} {record['step']} steps in {record['train_seconds']:.0f} s "
+        f"(loss {record['last_loss']:.3f}), {len(rows)} held-out cases in "
+        f"{record['eval_seconds']:.0f} s: " + "  ".join(
+            f"{title} {100 * _mean_of(rows, key):.1f}"
+            for key, title in TABLE_METRICS))
+  if missing:
+    log(f"{len(missing)} of {len(runs)} runs are not finished; the report "
+        "holds the others.")
+  report = write_report(results, workdir,
+                        order=[(r.alpha, r.beta) for r in runs])
+  report["missing"] = missing
+  report["seconds"] = time.perf_counter() - sweep_start
+  return report
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def case_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per run x held-out case: CSV_COLUMNS."""
+  rows = []
+  for record in results:
+    for case in record["cases"]:
+      rows.append({"alpha": record["alpha"], "beta": record["beta"],
+                   "seed": record["seed"], "fold": record["fold"], **case})
+  return rows
+
+
+@dataclasses.dataclass
+class SettingSummary:
+  """Aggregates of one (alpha, beta) over its case rows."""
+
+  alpha: float
+  beta: float
+  rows: list[dict[str, Any]]
+
+  def values(self, key: str) -> np.ndarray:
+    v = np.array([r[key] for r in self.rows], np.float64)
+    return v[np.isfinite(v)]
+
+  def mean_std(self, key: str) -> tuple[float, float]:
+    v = self.values(key)
+    if not v.size:
+      return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+  def seeds(self) -> list[int]:
+    return sorted({r["seed"] for r in self.rows})
+
+  def seed_means(self, key: str) -> dict[int, float]:
+    return {s: _mean_of([r for r in self.rows if r["seed"] == s], key)
+            for s in self.seeds()}
+
+  def seed_std(self, key: str) -> float:
+    means = np.array(list(self.seed_means(key).values()))
+    means = means[np.isfinite(means)]
+    return float(means.std(ddof=1)) if means.size > 1 else math.nan
+
+  def total(self, key: str) -> int:
+    return int(sum(r[key] for r in self.rows))
+
+
+def summarize(results: Sequence[dict[str, Any]],
+              order: Sequence[tuple[float, float]] | None = None
+              ) -> list[SettingSummary]:
+  """One :class:`SettingSummary` per setting, in ``order`` (else sorted by
+  beta)."""
+  rows = case_rows(results)
+  settings = list(dict.fromkeys(order or sorted(
+      {(r["alpha"], r["beta"]) for r in rows}, key=lambda s: (s[1], s[0]))))
+  out = []
+  for a, b in settings:
+    mine = [r for r in rows if (r["alpha"], r["beta"]) == (a, b)]
+    if mine:
+      out.append(SettingSummary(a, b, mine))
+  return out
+
+
+def _pct(value: float, digits: int = 2) -> str:
+  return f"{100 * value:.{digits}f}" if math.isfinite(value) else "-"
+
+
+def _signed(value: float) -> str:
+  return f"{100 * value:+.2f}" if math.isfinite(value) else "-"
+
+
+def format_markdown(summaries: Sequence[SettingSummary],
+                    num_runs: int | None = None) -> str:
+  """The report: Table 1, seed spread, paired differences, lesions, checks."""
+  if not summaries:
+    return "No finished run yet.\n"
+  seeds = sorted({s for summary in summaries for s in summary.seeds()})
+  folds = sorted({r["fold"] for summary in summaries for r in summary.rows})
+  n_cases = len(summaries[0].rows)
+  lines = []
+  head = "| alpha | beta | " + " | ".join(t for _, t in TABLE_METRICS) + " |"
+  rule = "|" + "---|" * (2 + len(TABLE_METRICS))
+  lines += [
+      "## Held-out cases (%, mean ± std over cases)", "",
+      f"Every case is predicted once per seed by the model of the fold that "
+      f"held it out ({len(folds)}-fold cross-validation, seeds "
+      f"{', '.join(map(str, seeds))}); mean and sample std over the "
+      f"{n_cases} (seed, case) rows of each setting, threshold "
+      "0.5 for DSC, sensitivity, specificity and F2; APR from the "
+      "probabilities.", "", head, rule]
+  for s in summaries:
+    cells = []
+    for key, _ in TABLE_METRICS:
+      mean, std = s.mean_std(key)
+      digits = 3 if key == "specificity" else 2
+      cells.append(f"{_pct(mean, digits)} ± {_pct(std, digits)}")
+    lines.append(f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) + " |")
+
+  lines += ["", "## Spread over seeds", "",
+            "Per-seed means (%, over that seed's held-out cases) and their "
+            "std over seeds (the noise of a whole training run; a difference "
+            "between settings smaller than this is not resolved).", "",
+            head, rule]
+  for s in summaries:
+    cells = []
+    for key, _ in TABLE_METRICS:
+      digits = 3 if key == "specificity" else 1
+      means = " / ".join(_pct(v, digits) for v in s.seed_means(key).values())
+      cells.append(f"{means} (std {_pct(s.seed_std(key), digits)})")
+    lines.append(f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) + " |")
+
+  base = summaries[0]
+  if len(summaries) > 1:
+    lines += ["", f"## Paired difference to alpha={base.alpha:g}, "
+              f"beta={base.beta:g}", "",
+              "Difference of the per-seed means (percentage points), seed by "
+              "seed: same seeds, folds, initialisations and data order, only "
+              "the loss differs.", "",
+              "| alpha | beta | " + " | ".join(
+                  f"Δ {t}" for _, t in TABLE_METRICS) + " |", rule]
+    for s in summaries[1:]:
+      cells = []
+      for key, _ in TABLE_METRICS:
+        mine, theirs = s.seed_means(key), base.seed_means(key)
+        diffs = [mine[k] - theirs[k] for k in mine if k in theirs]
+        cells.append(" / ".join(_signed(d) for d in diffs) or "-")
+      lines.append(f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) +
+                   " |")
+
+  lines += ["", "## Lesion-wise detection and precision", "",
+            "Lesions are 26-connected components; summed over all (seed, "
+            "case) rows. A low-load case has the fewest lesion voxels "
+            "(lowest third of the cases).", "",
+            "| alpha | beta | Precision (%) | detected / lesions | missed | "
+            "false-positive components | DSC low-load cases (%) |",
+            "|---|---|---|---|---|---|---|"]
+  loads = sorted({r["case"]: r["tp"] + r["fn"] for r in base.rows}.items(),
+                 key=lambda kv: kv[1])
+  low = {c for c, _ in loads[:max(1, len(loads) // 3)]}
+  for s in summaries:
+    mean, std = s.mean_std("precision")
+    low_rows = [r for r in s.rows if r["case"] in low]
+    lines.append(
+        f"| {s.alpha:g} | {s.beta:g} | {_pct(mean)} ± {_pct(std)} | "
+        f"{s.total('detected_lesions')} / {s.total('ref_lesions')} | "
+        f"{s.total('missed_lesions')} | {s.total('fp_lesions')} | "
+        f"{_pct(_mean_of(low_rows, 'dsc'))} |")
+
+  lines += ["", "## The paper's claims on these runs", ""]
+  lines += _claims(summaries)
+  if num_runs is not None:
+    lines += ["", f"{num_runs} runs."]
+  return "\n".join(lines) + "\n"
+
+
+def _claims(summaries: Sequence[SettingSummary]) -> list[str]:
+  out = []
+  by_beta = sorted(summaries, key=lambda s: s.beta)
+  if len(by_beta) > 1:
+    for key, title, direction in (("sensitivity", "Sensitivity", 1),
+                                  ("specificity", "Specificity", -1)):
+      means = [s.mean_std(key)[0] for s in by_beta]
+      steps = np.diff(means) * direction
+      word = "rises" if direction > 0 else "falls"
+      verdict = "yes" if np.all(steps >= 0) else "no"
+      out.append(f"- {title} {word} monotonically with beta: {verdict} ("
+                 + " → ".join(_pct(m, 3 if key == "specificity" else 2)
+                              for m in means) + ").")
+  for key, title in (("dsc", "DSC"), ("f2", "F2"), ("apr", "APR")):
+    best = max(summaries, key=lambda s: s.mean_std(key)[0])
+    out.append(f"- Best mean {title}: alpha={best.alpha:g}, beta={best.beta:g}"
+               f" ({_pct(best.mean_std(key)[0])}).")
+  return out
+
+
+def _csv_value(value: Any) -> str:
+  if isinstance(value, (bool, np.bool_)):
+    return str(int(value))
+  if isinstance(value, (int, np.integer, str)):
+    return str(value)
+  value = float(value)
+  return repr(value) if math.isfinite(value) else ""
+
+
+def write_csv(results: Sequence[dict[str, Any]], path: str) -> str:
+  """results.csv: CSV_COLUMNS, one row per run x held-out case."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(CSV_COLUMNS)
+    for row in case_rows(results):
+      writer.writerow([_csv_value(row[c]) for c in CSV_COLUMNS])
+  return path
+
+
+def _pooled_heldout(workdir: str, records: Sequence[dict[str, Any]]
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+  probs, labels = [], []
+  for record in records:
+    path = os.path.join(workdir, Run(record["alpha"], record["beta"],
+                                     record["seed"], record["fold"]).relpath(),
+                        HELDOUT_FILE)
+    if not os.path.isfile(path):
+      return None
+    with np.load(path) as data:
+      for case_id in data["case_ids"]:
+        probs.append(data[f"prob/{case_id}"].ravel())
+        labels.append(data[f"label/{case_id}"].ravel() != 0)
+  if not probs:
+    return None
+  return np.concatenate(probs), np.concatenate(labels)
+
+
+def plot_pr_curves(workdir: str, results: Sequence[dict[str, Any]],
+                   summaries: Sequence[SettingSummary], path: str,
+                   max_points: int = 4000) -> str | None:
+  """pr_curves.png: one pooled precision-recall curve per (alpha, beta).
+
+  Pooled over every held-out voxel of every fold and seed of the setting;
+  the dot is the operating point at the threshold (``result.json``).
+  Returns None when no curve could be made.
+  """
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+  fig = Figure(figsize=(7.0, 5.5), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  drawn = 0
+  for summary in summaries:
+    records = [r for r in results
+               if (r["alpha"], r["beta"]) == (summary.alpha, summary.beta)]
+    pooled = _pooled_heldout(workdir, records)
+    if pooled is None or not pooled[1].any():
+      continue
+    scores, labels = pooled
+    precision, recall = evaluate.precision_recall_curve(scores, labels)
+    ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    threshold = records[0].get("threshold", 0.5)
+    pred = scores >= threshold
+    tp = np.count_nonzero(pred & labels)
+    op_recall = tp / np.count_nonzero(labels)
+    op_precision = tp / max(np.count_nonzero(pred), 1)
+    if precision.size > max_points:
+      keep = np.unique(np.linspace(0, precision.size - 1,
+                                   max_points).astype(int))
+      precision, recall = precision[keep], recall[keep]
+    (line,) = ax.plot(np.r_[0.0, recall], np.r_[precision[:1], precision],
+                      drawstyle="steps-pre", linewidth=1.6,
+                      label=f"α={summary.alpha:g}, β={summary.beta:g} "
+                      f"(AP {ap:.3f})")
+    ax.plot([op_recall], [op_precision], "o", color=line.get_color(),
+            markersize=6)
+    drawn += 1
+  if not drawn:
+    return None
+  ax.set_xlabel("recall (sensitivity)")
+  ax.set_ylabel("precision")
+  ax.set_xlim(0.0, 1.0)
+  ax.set_ylim(0.0, 1.02)
+  ax.set_title("Held-out voxels, pooled over folds and seeds "
+               "(dot: threshold 0.5)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="lower left", fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path)
+  return path
+
+
+def write_report(results: Sequence[dict[str, Any]], workdir: str,
+                 order: Sequence[tuple[float, float]] | None = None
+                 ) -> dict[str, Any]:
+  """Writes results.md, results.csv and pr_curves.png in ``workdir``."""
+  summaries = summarize(results, order)
+  markdown = ("# Tversky loss: alpha/beta sweep (Table 1 of Salehi et al. "
+              "2017)\n\n" + format_markdown(summaries, len(results)))
+  paths = {"markdown": os.path.join(workdir, "results.md"),
+           "csv": os.path.join(workdir, "results.csv"),
+           "plot": os.path.join(workdir, "pr_curves.png")}
+  with open(paths["markdown"], "w") as f:
+    f.write(markdown)
+  write_csv(results, paths["csv"])
+  if plot_pr_curves(workdir, results, summaries, paths["plot"]) is None:
+    paths["plot"] = None
+  return {"results": list(results), "summaries": summaries,
+          "markdown": markdown, "paths": paths}
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def enable_compilation_cache(setting: str, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache (``"auto"``: in workdir).
+
+  The train step of a setting compiles once per sweep instead of once per
+  seed and fold (a few seconds each on CPU), and the prediction step once.
+  """
+  if not setting:
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "jax_cache") if setting == "auto" else setting
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+  """``python -m tversky_jax.experiments.sweep``: defines the flags, runs."""
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from absl import flags
+  from absl import logging
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  config_flag = config_flags.DEFINE_config_file(
+      "config", "configs/sweep.py", "Sweep configuration file.",
+      lock_config=True)
+  workdir_flag = flags.DEFINE_string(
+      "workdir", "runs/sweep", "Folder of the sweep's runs and report.")
+  report_only_flag = flags.DEFINE_bool(
+      "report_only", False,
+      "Only write the report of the finished runs (no training).")
+
+  def main(args):
+    if len(args) > 1:
+      raise app.UsageError(f"Unexpected arguments: {args[1:]}")
+    # orbax logs every checkpoint at INFO level.
+    logging.set_verbosity(logging.ERROR)
+    config = config_flag.value
+    workdir = workdir_flag.value
+    enable_compilation_cache(config.sweep.compilation_cache, workdir)
+    start = time.perf_counter()
+    try:
+      report = run_sweep(config, workdir, train=not report_only_flag.value,
+                         log=lambda m: print(m, flush=True))
+    except (SweepError, train_lib.ConfigError, train_lib.TrainingDiverged,
+            nifti.DatasetError, predict.PredictError) as error:
+      sys.exit(f"error: {error}")
+    except SweepInterrupted as error:
+      sys.exit(str(error))
+    print()
+    print(report["markdown"])
+    paths = report["paths"]
+    print(f"Wrote {paths['markdown']}, {paths['csv']}"
+          + (f" and {paths['plot']}" if paths["plot"] else ""))
+    print(f"Wall time {time.perf_counter() - start:.0f} s.")
+    if report["missing"]:
+      sys.exit(1)
+
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  cli()

@@ -428,6 +428,18 @@ class SettingSummary:
   def total(self, key: str) -> int:
     return int(sum(r[key] for r in self.rows))
 
+  def failed_runs(self) -> int:
+    """Runs without a single true-positive voxel in any held-out case (e.g.
+    a training that collapsed to background)."""
+    runs: dict[tuple[int, int], bool] = {}
+    for r in self.rows:
+      key = (r["seed"], r["fold"])
+      runs[key] = runs.get(key, True) and r["tp"] == 0
+    return sum(runs.values())
+
+  def num_runs(self) -> int:
+    return len({(r["seed"], r["fold"]) for r in self.rows})
+
 
 def summarize(results: Sequence[dict[str, Any]],
               order: Sequence[tuple[float, float]] | None = None
@@ -514,10 +526,13 @@ def format_markdown(summaries: Sequence[SettingSummary],
   lines += ["", "## Lesion-wise detection and precision", "",
             "Lesions are 26-connected components; summed over all (seed, "
             "case) rows. A low-load case has the fewest lesion voxels "
-            "(lowest third of the cases).", "",
+            "(lowest third of the cases). Failed runs: runs without a "
+            "single true-positive voxel in any of their held-out cases "
+            "(a training collapsed to background).", "",
             "| alpha | beta | Precision (%) | detected / lesions | missed | "
-            "false-positive components | DSC low-load cases (%) |",
-            "|---|---|---|---|---|---|---|"]
+            "false-positive components | DSC low-load cases (%) | "
+            "failed runs |",
+            "|---|---|---|---|---|---|---|---|"]
   loads = sorted({r["case"]: r["tp"] + r["fn"] for r in base.rows}.items(),
                  key=lambda kv: kv[1])
   low = {c for c, _ in loads[:max(1, len(loads) // 3)]}
@@ -528,7 +543,8 @@ def format_markdown(summaries: Sequence[SettingSummary],
         f"| {s.alpha:g} | {s.beta:g} | {_pct(mean)} ± {_pct(std)} | "
         f"{s.total('detected_lesions')} / {s.total('ref_lesions')} | "
         f"{s.total('missed_lesions')} | {s.total('fp_lesions')} | "
-        f"{_pct(_mean_of(low_rows, 'dsc'))} |")
+        f"{_pct(_mean_of(low_rows, 'dsc'))} | "
+        f"{s.failed_runs()} of {s.num_runs()} |")
 
   lines += ["", "## The paper's claims on these runs", ""]
   lines += _claims(summaries)

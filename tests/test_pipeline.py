@@ -265,3 +265,21 @@ def test_bad_cases():
            pipeline.TrainingCase.from_arrays("b", np.zeros((16, 16, 16, 3)), np.zeros((16, 16, 16)))]
   with pytest.raises(ValueError, match="same number of channels"):
     pipeline.make_train_iterator(mixed, global_batch_size=4, **PATCH_KW)
+
+
+def test_batch_of_one_per_process_works():
+  # The paper trains with batches of one volume.
+  rng = np.random.default_rng(0)
+  cases = [pipeline.TrainingCase.from_arrays(
+      f"c{i}", rng.normal(size=(16, 16, 16, 2)).astype(np.float32),
+      (rng.random((16, 16, 16)) < 0.05).astype(np.uint8)) for i in range(3)]
+  kwargs = dict(patch_shape=None, divisor=4, foreground_fraction=0.5,
+                random_flip=True, seed=0, prefetch_batches=0)
+  single = pipeline.make_train_iterator(cases, global_batch_size=1, **kwargs)
+  first = [next(single)["image"] for _ in range(4)]
+  assert first[0].shape == (1, 16, 16, 16, 2)
+  shards = [pipeline.make_train_iterator(cases, global_batch_size=2,
+                                         process_index=p, process_count=2,
+                                         **kwargs) for p in range(2)]
+  pair = [next(it)["image"] for it in shards]
+  np.testing.assert_array_equal(np.concatenate(pair), np.concatenate(first[:2]))

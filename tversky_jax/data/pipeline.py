@@ -199,6 +199,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
   return int(value)
 
 
+_NUM_SAMPLES = 2**40
+
+
 def make_train_iterator(
     cases: Sequence[TrainingCase],
     *,
@@ -299,7 +302,9 @@ def make_train_iterator(
                           bool(random_flip), seed)
   ds = (
       grain.MapDataset.range(len(cases))
-      .repeat()  # infinite
+      # Effectively infinite (2**40 samples). A truly infinite repeat has
+      # length sys.maxsize, which grain cannot slice after batch(1).
+      .repeat(max(1, _NUM_SAMPLES // len(cases)))
       .map_with_index(transform)  # index = global sample index i
       .batch(local_batch_size)  # block k = global samples [k*b, (k+1)*b)
   )

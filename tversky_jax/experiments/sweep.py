@@ -265,8 +265,11 @@ def _write_json_atomic(path: str, value: Any) -> None:
 
 
 def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
-                dataset: nifti.Dataset) -> dict[str, Any]:
+                dataset: nifti.Dataset,
+                devices: Sequence[Any] | None = None) -> dict[str, Any]:
   """Trains, predicts the held-out fold, evaluates; writes the run's files.
+
+  ``devices``: the JAX devices to train and predict on (default all).
 
   Returns:
     The content of ``result.json``.
@@ -275,7 +278,8 @@ def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
     SweepInterrupted: training stopped on SIGINT/SIGTERM (checkpoint saved).
   """
   start = time.perf_counter()
-  summary = train_lib.train_and_evaluate(cfg, run_dir, progress=False)
+  summary = train_lib.train_and_evaluate(cfg, run_dir, devices=devices,
+                                         progress=False)
   if summary.interrupted:
     raise SweepInterrupted(
         f"{run.label()} stopped at step {summary.step}; the checkpoint is "
@@ -283,7 +287,8 @@ def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
   trained = time.perf_counter()
   _, held_out = train_lib.split_cases(dataset.training_cases, cfg)
   predictor = predict.load_predictor(run_dir, checkpoint="latest",
-                                     channel_names=dataset.channel_names)
+                                     channel_names=dataset.channel_names,
+                                     devices=devices)
   cases = pipeline.load_training_cases(dataset, held_out, progress=False)
   rows, probs, labels = [], {}, {}
   for case in cases:
@@ -321,13 +326,15 @@ def _mean_of(rows: Sequence[dict[str, Any]], key: str) -> float:
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
-              train: bool = True, log=print) -> dict[str, Any]:
+              train: bool = True, devices: Sequence[Any] | None = None,
+              log=print) -> dict[str, Any]:
   """Runs (or resumes) the sweep of ``config`` and writes the report.
 
   Args:
     config: ``configs/sweep.py`` keys.
     workdir: the sweep's folder (runs, report, default phantoms).
     train: False only reports the finished runs (``--report_only``).
+    devices: the JAX devices every run trains and predicts on (default all).
     log: where progress lines go.
 
   Returns:
@@ -362,7 +369,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
     if not train:
       missing.append(run)
       continue
-    record = execute_run(run, cfg, run_dir, dataset)
+    record = execute_run(run, cfg, run_dir, dataset, devices)
     results.append(record)
     rows = record["cases"]
     log(f"{prefix} {record['step']} steps in {record['train_seconds']:.0f} s "

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import default
+from tests import helpers
 from tversky_jax import checkpoint
 from tversky_jax import evaluate
 from tversky_jax import parallel
@@ -37,20 +37,9 @@ def run(tmp_path_factory):
   root = base / "Dataset902_Predict"
   synthetic.make_synthetic_dataset(root, num_cases=4, shape=SHAPE, seed=5,
                                    num_test_cases=2)
-  config = default.get_config()
-  config.data.root = str(root)
-  config.data.num_val_cases = 1
-  config.data.patch_shape = (16, 16, 16)
-  config.model.base_features = 4
-  config.model.depth = 2
-  config.optimizer.learning_rate = 1e-3
-  config.train.batch_size = 4
-  config.train.num_steps = 2
-  config.train.log_every = 1
-  config.train.eval_every = 0
-  config.train.checkpoint_every = 1
-  config.inference.window = (16, 16, 16)
-  config.inference.batch_size = 4
+  config = helpers.tiny_config(root, **{"train.num_steps": 2,
+                                        "train.log_every": 1,
+                                        "train.checkpoint_every": 1})
   workdir = base / "run"
   summary = train_lib.train_and_evaluate(config, str(workdir), progress=False)
   assert summary.step == 2

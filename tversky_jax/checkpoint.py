@@ -101,20 +101,19 @@ class CheckpointManager:
       self._manager.save(int(step), args=args, metrics=metrics, force=True)
     except Exception as error:  # OSError, or tensorstore's ValueError
       # An earlier asynchronous save may be the one that failed.
-      raise CheckpointError(
-          f"writing a checkpoint to {self.directory} failed "
-          f"({_first_line(error)}); the checkpoints already on disk are "
-          "intact") from error
+      raise self._write_error(error) from error
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     try:
       self._manager.wait_until_finished()
     except Exception as error:  # OSError, or tensorstore's ValueError
-      raise CheckpointError(
-          f"writing a checkpoint to {self.directory} failed "
-          f"({_first_line(error)}); the checkpoints already on disk are "
-          "intact") from error
+      raise self._write_error(error) from error
+
+  def _write_error(self, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"writing a checkpoint to {self.directory} failed "
+        f"({_first_line(error)}); the checkpoints already on disk are intact")
 
   def close(self) -> None:
     self.wait()

@@ -20,11 +20,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthesize_if_missing = False
   config.data.synthetic_cases = 12
   config.data.synthetic_shape = (48, 48, 48)
-  # Training cases held out for validation (the last ones, sorted by name).
+  # Training cases held out for validation (the last ones, sorted by name);
+  # validation chooses the best checkpoint. 0: no validation.
   config.data.num_val_cases = 2
   # k-fold cross-validation over the cases sorted by name: with num_folds > 0
-  # fold f holds out every case i with i % num_folds == f (instead of
-  # num_val_cases) and trains on the others.
+  # fold f holds out every case i with i % num_folds == f as a test set that
+  # training never sees (predict it afterwards); validation then takes
+  # num_val_cases of the remaining training cases.
   config.data.num_folds = 0
   config.data.fold = 0
   # Patch size [x, y, z]; an empty tuple trains on whole volumes (the paper),

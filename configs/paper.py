@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.patch_shape = ()  # whole volumes
   config.data.num_folds = 2  # the paper's two-fold cross-validation
   config.data.fold = 0
+  # Validation (choosing the best checkpoint) on one case of the training
+  # fold; the held-out fold is only predicted, never used for selection.
+  config.data.num_val_cases = 1
   config.data.random_flip = False
 
   config.model.base_features = 16

@@ -161,12 +161,12 @@ def test_validate_dataset_accepts_valid_dataset(tmp_path):
 
 
 def test_validate_dataset_reports_every_problem_at_once(tmp_path):
-  root = make_dataset(tmp_path / "ds", num_cases=9)
+  root = make_dataset(tmp_path / "ds", num_cases=10)
   images, labels = root / "imagesTr", root / "labelsTr"
   # case00 stays valid; each other case gets one problem.
   (images / "case01_0001.nii.gz").unlink()  # missing channel
   channels, label = case_arrays(2)
-  save(images / "case02_0002.nii.gz", np.zeros((16, 16, 15), np.float32))  # shape mismatch
+  save(images / "case02_0002.nii.gz", channels[2][:, :, :15])  # shape mismatch
   shifted = AFFINE.copy()
   shifted[0, 3] += 0.5
   save(images / "case03_0001.nii.gz", channels[1], shifted)  # affine mismatch
@@ -180,6 +180,7 @@ def test_validate_dataset_reports_every_problem_at_once(tmp_path):
   raw = (images / "case07_0000.nii.gz").read_bytes()
   (images / "case07_0000.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated gzip
   (labels / "case08.nii.gz").unlink()  # missing label
+  save(images / "case09_0001.nii.gz", np.zeros(SHAPE, np.float32))  # blank
 
   with pytest.raises(DatasetError) as info:
     nifti.validate_dataset(nifti.read_dataset(root))
@@ -193,6 +194,7 @@ def test_validate_dataset_reports_every_problem_at_once(tmp_path):
       "imagesTr/case06_0002.nii.gz": "expected a 3D volume, got shape (16, 16)",
       "imagesTr/case07_0000.nii.gz": "cannot read (EOFError",
       "labelsTr/case08.nii.gz": "file not found",
+      "imagesTr/case09_0001.nii.gz": "every voxel is 0 (a blank scan)",
   }
   assert len(problems) == len(expected), problems
   for name, message in expected.items():
@@ -335,7 +337,7 @@ def test_load_image_files_errors(tmp_path):
   ds = nifti.read_dataset(make_dataset(tmp_path / "ds", num_cases=1))
   paths = list(ds.image_paths("case00"))
   other = tmp_path / "other.nii.gz"
-  save(other, np.ones((8, 8, 8), np.float32))
+  save(other, np.arange(512, dtype=np.float32).reshape(8, 8, 8))
   with pytest.raises(DatasetError) as info:
     nifti.load_image_files([paths[0], other, tmp_path / "missing.nii.gz"])
   assert len(info.value.problems) == 2

@@ -183,10 +183,15 @@ def test_cross_validation_folds_partition_the_cases(tiny_dataset):
   held_out = []
   for fold in range(3):
     config = tiny_config(tiny_dataset, **{"data.num_folds": 3,
-                                          "data.fold": fold})
+                                          "data.fold": fold,
+                                          "data.num_val_cases": 1})
+    test = train_lib.held_out_cases(cases, config)
     train, val = train_lib.split_cases(cases, config)
-    assert sorted(train + val) == cases and not set(train) & set(val)
-    held_out += val
+    # Validation (which picks the checkpoint) comes from the training fold:
+    # the held-out fold is never seen during training.
+    assert sorted(train + val + test) == cases
+    assert len(val) == 1 and not set(test) & set(train + val)
+    held_out += test
   assert sorted(held_out) == cases
   config = tiny_config(tiny_dataset, **{"data.num_folds": 3, "data.fold": 3})
   with pytest.raises(train_lib.ConfigError, match="config.data.fold=3"):
@@ -194,6 +199,21 @@ def test_cross_validation_folds_partition_the_cases(tiny_dataset):
   config = tiny_config(tiny_dataset, **{"data.num_folds": 9})
   with pytest.raises(train_lib.ConfigError, match="only 7 training cases"):
     train_lib.split_cases(cases, config)
+  config = tiny_config(tiny_dataset, **{"data.num_folds": 2,
+                                        "data.num_val_cases": 3})
+  with pytest.raises(train_lib.ConfigError,
+                     match="num_val_cases=3: only 3 cases of the training "
+                           "fold"):
+    train_lib.split_cases(cases, config)
+
+
+def test_training_without_validation(tiny_dataset, tmp_path):
+  config = tiny_config(tiny_dataset, **{"data.num_val_cases": 0,
+                                        "train.num_steps": 2,
+                                        "train.eval_every": 1})
+  summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert summary.step == 2 and summary.best_step is None
+  assert summary.final_metrics == {}
 
 
 def test_whole_volume_training_as_in_the_paper(tiny_dataset, tmp_path):

@@ -17,9 +17,12 @@ truncated file) is skipped with a warning and the previous one is used.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -66,6 +69,7 @@ class CheckpointManager:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
+    _silence_orbax_failure_reports()
     self.directory = os.fspath(os.path.abspath(directory))
     self.best_metric = best_metric
     keep = [policies.LatestN(n=max_to_keep)]
@@ -228,6 +232,53 @@ def _first_line(error: Exception) -> str:
   if "No space left on device" in text:
     return "no space left on device"
   return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _from_orbax(tb) -> bool:
+  return tb is not None and any(
+      f"{os.sep}orbax{os.sep}" in frame.filename
+      for frame in traceback.extract_tb(tb))
+
+
+class _OrbaxFailureFilter(logging.Filter):
+  """Drops orbax's own reports of a failed write or read.
+
+  When a save fails (a full disk) or a restore does not match, orbax logs the
+  error with a traceback from each of its threads, and asyncio reports every
+  unawaited write task; :class:`CheckpointManager` re-raises the failure as
+  one :class:`CheckpointError`, so these reports only bury that line.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.CRITICAL:
+      return True
+    if record.name == "absl":
+      return f"{os.sep}orbax{os.sep}" not in record.pathname
+    exc = record.exc_info[2] if record.exc_info else None
+    return not (_from_orbax(exc) or "orbax-checkpoint-tmp" in
+                record.getMessage())
+
+
+def _unraisable_hook(unraisable: Any) -> None:
+  """Drops the never-awaited orbax coroutines a failed restore leaves behind."""
+  if not _from_orbax(unraisable.exc_traceback):
+    _previous_unraisable_hook(unraisable)
+
+
+_previous_unraisable_hook = sys.unraisablehook
+_FILTER = _OrbaxFailureFilter()
+
+
+def _silence_orbax_failure_reports() -> None:
+  """Installs the filters above once per process (idempotent)."""
+  global _previous_unraisable_hook
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+      logger.addFilter(_FILTER)
+  if sys.unraisablehook is not _unraisable_hook:
+    _previous_unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable_hook
 
 
 def _warn(message: str) -> None:

@@ -694,8 +694,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status (see the module doc)."""
   parser = build_parser()
   args = parser.parse_args(argv)
-  if argv is None:  # run as a command: this process is ours
-    sys.unraisablehook = _unraisable_hook
   if args.case_id is not None and args.channels is None:
     parser.error("--case-id goes with --channels")
   try:
@@ -729,22 +727,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{', '.join(sorted(report.failed))}", file=sys.stderr)
     return 1
   return 0
-
-
-def _unraisable_hook(unraisable: Any) -> None:
-  """Drops the orbax read coroutines left behind by a failed restore.
-
-  When a checkpoint does not match the model (e.g. another channel count),
-  orbax raises once and then leaves one never-awaited coroutine per array,
-  each printing a long traceback when collected; the error itself has
-  already been reported in one line.
-  """
-  tb = unraisable.exc_traceback
-  while tb is not None:
-    if "orbax" in tb.tb_frame.f_code.co_filename:
-      return
-    tb = tb.tb_next
-  sys.__unraisablehook__(unraisable)
 
 
 def _one_line(error: BaseException) -> str:

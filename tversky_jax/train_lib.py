@@ -137,9 +137,11 @@ def validate_config(config: ml_collections.ConfigDict,
   require(config.data.prefetch_batches >= 0, "data.prefetch_batches",
           "must be >= 0")
   require(config.seed >= 0, "seed", "must be >= 0")
-  require(config.data.synthetic_cases > config.data.num_val_cases,
+  require(not config.data.synthesize_if_missing or
+          config.data.synthetic_cases > config.data.num_val_cases,
           "data.synthetic_cases", "must exceed data.num_val_cases")
-  require(len(config.data.synthetic_shape) == 3 and
+  require(not config.data.synthesize_if_missing or
+          len(config.data.synthetic_shape) == 3 and
           all(s >= 16 for s in config.data.synthetic_shape),
           "data.synthetic_shape", "expected 3 sizes, each >= 16")
   window = tuple(config.inference.window)
@@ -359,9 +361,8 @@ def prepare_dataset(config: ml_collections.ConfigDict
                     ) -> tuple[nifti.Dataset, list[str], list[str]]:
   """Reads (synthesising it first if allowed) and validates the dataset.
 
-  Returns the dataset and the training and validation case ids: the last
-  ``config.data.num_val_cases`` cases (sorted by id) are held out or, with
-  ``config.data.num_folds = k > 0``, the cases ``i`` with ``i % k == fold``.
+  Returns the dataset and the training and validation case ids (see
+  :func:`split_cases`); a held-out cross-validation fold is in neither.
   """
   root = os.path.abspath(config.data.root)
   if config.data.synthesize_if_missing:
@@ -384,23 +385,40 @@ def prepare_dataset(config: ml_collections.ConfigDict
   return (dataset,) + split_cases(cases, config)
 
 
+def held_out_cases(cases: Sequence[str], config: ml_collections.ConfigDict
+                   ) -> list[str]:
+  """The test fold of ``data.num_folds``-fold cross-validation (else none).
+
+  Fold ``f`` holds out every case ``i`` (sorted by id) with
+  ``i % num_folds == f``. Training never reads these cases, not even to
+  validate or to choose a checkpoint: they are only predicted afterwards.
+  """
+  folds = config.data.num_folds
+  if not folds:
+    return []
+  cases = sorted(cases)
+  if folds > len(cases):
+    raise ConfigError(
+        f"config.data.num_folds={folds}: the dataset has only {len(cases)} "
+        "training cases.")
+  return [c for i, c in enumerate(cases) if i % folds == config.data.fold]
+
+
 def split_cases(cases: Sequence[str], config: ml_collections.ConfigDict
                 ) -> tuple[list[str], list[str]]:
-  """(training, held-out) case ids; see :func:`prepare_dataset`."""
-  cases = sorted(cases)
-  folds = config.data.num_folds
-  if folds:
-    if folds > len(cases):
-      raise ConfigError(
-          f"config.data.num_folds={folds}: the dataset has only {len(cases)} "
-          "training cases.")
-    held_out = [c for i, c in enumerate(cases) if i % folds == config.data.fold]
-    return [c for c in cases if c not in held_out], held_out
+  """(training, validation) case ids, both outside the held-out fold.
+
+  Validation takes the last ``data.num_val_cases`` (by id) of the cases that
+  :func:`held_out_cases` leaves for training.
+  """
+  held_out = set(held_out_cases(cases, config))
+  cases = sorted(c for c in cases if c not in held_out)
   num_val = config.data.num_val_cases
   if num_val >= len(cases):
+    where = " of the training fold" if held_out else ""
     raise ConfigError(
-        f"config.data.num_val_cases={num_val}: the dataset has only "
-        f"{len(cases)} training cases; at least one must remain for training.")
+        f"config.data.num_val_cases={num_val}: only {len(cases)} cases"
+        f"{where}; at least one must remain for training.")
   split = len(cases) - num_val
   return cases[:split], cases[split:]
 
@@ -443,8 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   divisor = unet3d.required_divisor(config.model.depth)
   train_cases = pipeline.load_training_cases(dataset, train_ids,
                                              progress=progress and is_lead)
-  val_cases = pipeline.load_training_cases(dataset, val_ids,
-                                           progress=progress and is_lead)
+  val_cases = pipeline.load_training_cases(
+      dataset, val_ids, progress=progress and is_lead) if val_ids else []
   patch_shape = tuple(config.data.patch_shape) or None
   window = tuple(config.inference.window) or patch_shape or _whole_volume_shape(
       train_cases + val_cases, divisor)
@@ -471,6 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   if manager.latest_step() is not None:
     _check_resumable(config, workdir)
+    _check_same_channels(manager, dataset, workdir)
   _write_config(config, workdir, is_lead)
   start_step = 0
   restored = manager.restore(_abstract(state))
@@ -642,6 +661,21 @@ def _check_resumable(config, workdir: str) -> None:
           f"config.{key}={_lookup(config, key)!r}: the run in {workdir} was "
           f"trained with {key}={old[section][name]!r} and its checkpoints "
           "cannot continue with this change; use another --workdir.")
+
+
+def _check_same_channels(manager, dataset: nifti.Dataset, workdir: str
+                         ) -> None:
+  """Raises ConfigError when the dataset's input channels changed."""
+  try:
+    saved = manager.restore_meta(manager.latest_step()).get("channel_names")
+  except Exception:  # pylint: disable=broad-except
+    return  # an unreadable checkpoint: restoring reports and skips it
+  if saved is not None and list(saved) != list(dataset.channel_names):
+    raise ConfigError(
+        f"config.data.root={dataset.root}: its channels "
+        f"{list(dataset.channel_names)} differ from the channels "
+        f"{list(saved)} the run in {workdir} was trained on; use another "
+        "--workdir.")
 
 
 def _write_config(config, workdir: str, is_lead: bool) -> None:

@@ -289,6 +289,14 @@ def _read_volume(
   return data, img, []
 
 
+def _blank_problems(data: np.ndarray, display: str) -> list[str]:
+  """A channel whose voxels all have one value carries no image."""
+  if data.size and data.min() == data.max():
+    return [f"{display}: every voxel is {data.flat[0]:g} (a blank scan); "
+            "remove the case or replace the file"]
+  return []
+
+
 def _grid_problems(
     display: str, img: nib.Nifti1Image, shape: tuple[int, ...],
     ref_display: str, ref_img: nib.Nifti1Image, ref_shape: tuple[int, ...],
@@ -319,6 +327,7 @@ def _load_channels(paths: Sequence[Path], displays: Sequence[str]):
     problems += p
     if data is None:
       continue
+    problems += _blank_problems(data, display)
     if ref is None:
       ref = (display, img, data.shape)
     else:
@@ -371,7 +380,8 @@ def validate_dataset(
 
   Checked: file names in images/labels folders, numTraining (train split),
   missing channel or label files, unreadable or truncated files, non-3D images
-  (``[x, y, z, 1]`` is accepted), NaN/Inf voxels, shape or affine mismatch
+  (``[x, y, z, 1]`` is accepted), NaN/Inf voxels, blank channels (every
+  voxel the same value), shape or affine mismatch
   against the case's first channel (affine with ``atol=1e-4``), and label
   values not listed in dataset.json.
 

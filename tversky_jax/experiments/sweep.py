@@ -61,6 +61,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import evaluate
 from tversky_jax import predict
 from tversky_jax import train_lib
@@ -171,6 +172,7 @@ def run_config(config: ml_collections.ConfigDict, run: Run,
   cfg.data.synthesize_if_missing = False  # the sweep writes the phantoms
   cfg.data.num_folds = config.sweep.num_folds
   cfg.data.fold = run.fold
+  cfg.data.num_val_cases = 0  # no validation: the whole fold trains
   cfg.train.eval_every = 0
   return cfg
 
@@ -285,7 +287,7 @@ def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
         f"{run.label()} stopped at step {summary.step}; the checkpoint is "
         "saved: run the same command again to resume.")
   trained = time.perf_counter()
-  _, held_out = train_lib.split_cases(dataset.training_cases, cfg)
+  held_out = train_lib.held_out_cases(dataset.training_cases, cfg)
   predictor = predict.load_predictor(run_dir, checkpoint="latest",
                                      channel_names=dataset.channel_names,
                                      devices=devices)
@@ -744,7 +746,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
       report = run_sweep(config, workdir, train=not report_only_flag.value,
                          log=lambda m: print(m, flush=True))
     except (SweepError, train_lib.ConfigError, train_lib.TrainingDiverged,
-            nifti.DatasetError, predict.PredictError) as error:
+            nifti.DatasetError, predict.PredictError,
+            checkpoint_lib.CheckpointError) as error:
       sys.exit(f"error: {error}")
     except SweepInterrupted as error:
       sys.exit(str(error))

@@ -17,14 +17,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tversky_jax import cli
 from tversky_jax import parallel
 from tversky_jax import train_lib
 from tversky_jax.checkpoint import CheckpointError
 from tversky_jax.data.nifti import DatasetError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/demo.py", "Training configuration file.",
-    lock_config=True)
+try:  # the default file is read (and overridden) right here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/demo.py", "Training configuration file.",
+      lock_config=True)
+except Exception as error:  # pylint: disable=broad-except
+  sys.exit(f"error: {cli.flag_error_message(error, sys.argv)}")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for checkpoints and metrics (default: runs/<config name>). In "
@@ -59,7 +63,7 @@ def main(argv):
         local_device_ids=[int(i) for i in _LOCAL_DEVICE_IDS.value or []])
   except ValueError as error:
     sys.exit(f"error: {error}")
-  config = _load_config()
+  config = cli.load_config(_CONFIG, flags.FLAGS["config"].config_filename)
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(
           flags.FLAGS["config"].config_filename))[0])
@@ -72,49 +76,5 @@ def main(argv):
     print(f"Done: {summary.step} steps, workdir {os.path.abspath(workdir)}")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with every error on one line.
-
-  ml_collections reports a mistyped ``--config.KEY`` as a KeyError or
-  AttributeError from deep inside itself; say which flag it was instead.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as error:
-    sys.exit(f"error: {_unknown_key_message(error, argv)}")
-  except Exception as error:  # flags.Error, OSError, SyntaxError, ...
-    sys.exit(f"error: {_one_line(error)}")
-
-
-def _load_config():
-  """The --config file's config; one line when it cannot be loaded."""
-  try:
-    config = _CONFIG.value
-    config.to_dict()  # a file that failed to load raises on first use
-    return config
-  except Exception as error:  # pylint: disable=broad-except
-    lines = str(error.__cause__ or error).strip().splitlines() or [""]
-    sys.exit(f"error: --config={flags.FLAGS['config'].config_filename}: "
-             f"cannot load it ({lines[-1].strip() or type(error).__name__})")
-
-
-def _unknown_key_message(error: Exception, argv: list[str]) -> str:
-  while error.args and isinstance(error.args[0], Exception):
-    error = error.args[0]  # AttributeError(KeyError(message))
-  text = str(error.args[0] if error.args else error).strip("'\"")
-  key, _, hint = text.partition("\n")
-  key = key.strip("'\"")
-  given = [a.split("=")[0] for a in argv
-           if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-  flag = given[0] if given else f"--config.{key}"
-  hint = hint.strip() or "see configs/default.py for every key"
-  return f"{flag}: no such config key ({hint})"
-
-
-def _one_line(error: BaseException) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return " ".join(lines) or type(error).__name__
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -169,9 +169,10 @@ def test_pool_batch_and_class_weights():
   tp, fp, fn = np_stats(np_softmax(logits.astype(np.float64)),
                         onehot(labels, 3))
   pooled = 1 - np_tversky(tp.sum(0), fp.sum(0), fn.sum(0), 0.3, 0.7)[1:]
-  np.testing.assert_allclose(
-      losses.tversky_loss(logits, labels, pool_batch=True, reduction="none"),
-      pooled[None], rtol=2e-5)
+  # reduction="none" with pool_batch: one value per class, [classes'].
+  got = losses.tversky_loss(logits, labels, pool_batch=True, reduction="none")
+  assert got.shape == (2,)
+  np.testing.assert_allclose(got, pooled, rtol=2e-5)
   weights = np.array([1.0, 3.0])
   per_case = (1 - np_tversky(tp, fp, fn, 0.3, 0.7))[:, 1:]
   np.testing.assert_allclose(
@@ -511,13 +512,54 @@ def test_bad_inputs_raise_clear_errors():
     losses.tversky_loss(logits, labels, apply_softmax=True)
 
 
-def test_out_of_range_labels_under_jit_are_not_checked_but_do_not_crash():
-  # Values cannot be checked on traced labels; the shape checks still run.
-  logits, labels = random_case(20, (2, 6, 6, 6), 2)
-  jitted = jax.jit(losses.tversky_loss)
-  assert np.isfinite(jitted(logits, labels))
+def test_out_of_range_labels_under_jit_are_dropped_like_ignore_index():
+  # Values cannot be checked on traced labels: voxels whose label is not a
+  # class are dropped from every sum (issue 9), as the metrics do. The shape
+  # checks still run.
+  logits, labels = random_case(20, (2, 6, 6, 6), 3)
+  rng = np.random.default_rng(20)
+  bad = rng.random(labels.shape) < 0.2
+  corrupted = np.where(bad, rng.choice([-3, 3, 7, 255], labels.shape), labels)
+  corrupted = corrupted.astype(np.int32)
+  for loss_fn in (losses.tversky_loss, losses.focal_tversky_loss,
+                  losses.tversky_ce_loss, losses.dice_loss):
+    jitted = jax.jit(functools.partial(loss_fn, reduction="none"))
+    np.testing.assert_allclose(
+        jitted(logits, corrupted),
+        loss_fn(logits, labels, mask=~bad, reduction="none"), rtol=1e-5)
+  # Dropped voxels get no gradient.
+  grad = jax.jit(jax.grad(losses.tversky_loss))(logits, corrupted)
+  assert np.all(np.asarray(grad)[bad] == 0)
+  # Single sigmoid channel: the binary map takes 0 and 1 only.
+  binary = np.where(bad, 2, labels > 0).astype(np.int32)
+  sig = logits[..., :1]
+  np.testing.assert_allclose(
+      jax.jit(functools.partial(losses.tversky_loss, activation="sigmoid"))(
+          sig, binary),
+      losses.tversky_loss(sig, (labels > 0).astype(np.int32), mask=~bad,
+                          activation="sigmoid"), rtol=1e-5)
   with pytest.raises(ValueError, match="class map has shape"):
-    jitted(logits, labels[:, :3])
+    jax.jit(losses.tversky_loss)(logits, labels[:, :3])
+
+
+@pytest.mark.parametrize("loss_name", ["confusion_stats", "tversky_loss",
+                                       "tversky_ce_loss"])
+def test_out_of_range_labels_raise_when_concrete(loss_name):
+  logits, labels = random_case(20, (2, 6, 6, 6), 3)
+  labels[0, 0, 0, 0] = 3
+  labels[1, 0, 0, 0] = -2
+  with pytest.raises(ValueError) as info:
+    getattr(losses, loss_name)(logits, labels)
+  message = str(info.value)
+  assert "\n" not in message
+  assert "[-2, 3]" in message and "(3 classes)" in message
+  # ignore_index values are allowed, others still raise.
+  labels[1, 0, 0, 0] = 255
+  with pytest.raises(ValueError, match=r"values \[3\] outside"):
+    getattr(losses, loss_name)(logits, labels, ignore_index=255)
+  labels[0, 0, 0, 0] = 255
+  assert np.all(np.isfinite(
+      getattr(losses, loss_name)(logits, labels, ignore_index=255)))
 
 
 def test_forward_mode_and_second_order_derivatives():
@@ -532,3 +574,282 @@ def test_forward_mode_and_second_order_derivatives():
   hessian = jax.hessian(f)(logits)
   assert hessian.shape == logits.shape * 2
   assert np.all(np.isfinite(hessian))
+
+
+# --------------------------------------------------------------------------
+# Options for MONAI / optax users
+# --------------------------------------------------------------------------
+
+
+LOSS_NAMES = ["tversky_loss", "dice_loss", "jaccard_loss",
+              "focal_tversky_loss", "tversky_ce_loss"]
+
+
+def np_squared_stats(probs, targets, weight=None):
+  """MONAI's squared_pred counts: TP = sum pg, FP = sum p^2 - TP, FN = ..."""
+  axes = tuple(range(1, probs.ndim - 1))
+  w = 1.0 if weight is None else weight[..., None]
+  tp = np.sum(w * probs * targets, axes)
+  return (tp, np.sum(w * probs**2, axes) - tp,
+          np.sum(w * targets**2, axes) - tp)
+
+
+@pytest.mark.parametrize("smooth_nr,smooth_dr", [(0.0, 1e-5), (1.0, 2.0),
+                                                 (None, 0.5), (0.25, None)])
+def test_smooth_nr_and_smooth_dr(smooth_nr, smooth_dr):
+  logits, labels = random_case(30, (2, 6, 7, 8), 3)
+  tp, fp, fn = np_stats(np_softmax(logits.astype(np.float64)),
+                        onehot(labels, 3))
+  smooth = 0.125
+  nr = smooth if smooth_nr is None else smooth_nr
+  dr = smooth if smooth_dr is None else smooth_dr
+  expected = 1 - (tp + nr) / (tp + 0.3 * fp + 0.7 * fn + dr)
+  got = losses.tversky_loss(logits, labels, smooth=smooth, smooth_nr=smooth_nr,
+                            smooth_dr=smooth_dr, reduction="none")
+  np.testing.assert_allclose(got, np.maximum(expected[:, 1:], 0), rtol=2e-5)
+  np.testing.assert_allclose(
+      losses.tversky_index(tp, fp, fn, smooth=smooth, smooth_nr=smooth_nr,
+                           smooth_dr=smooth_dr),
+      (tp + nr) / (tp + 0.3 * fp + 0.7 * fn + dr), rtol=1e-6)
+
+
+def test_smooth_alone_means_both_and_empty_class_rules():
+  probs = np.zeros((1, 4, 4, 4, 2), np.float32)
+  probs[..., 0] = 1.0
+  # Empty lesion class, none predicted.
+  labels = np.zeros((1, 4, 4, 4), np.int32)
+  kw = dict(from_logits=False, reduction="none")
+  assert float(losses.tversky_loss(probs, labels, **kw)[0, 0]) == 0.0
+  # MONAI's common smooth_nr=0: an empty class has index 0, loss 1.
+  np.testing.assert_allclose(
+      losses.tversky_loss(probs, labels, smooth_nr=0.0, **kw), [[1.0]])
+  np.testing.assert_allclose(
+      losses.tversky_loss(probs, labels, smooth=2.0, smooth_dr=4.0, **kw),
+      [[0.5]])
+  grad = jax.grad(losses.tversky_loss)(probs, labels, smooth_nr=0.0,
+                                       from_logits=False)
+  assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.7), (0.5, 0.5), (1.0, 1.0)])
+def test_squared_pred_matches_reference(activation, alpha, beta):
+  rng = np.random.default_rng(31)
+  logits = rng.normal(scale=2.0, size=(2, 6, 7, 8, 3)).astype(np.float32)
+  if activation == "softmax":
+    labels = rng.integers(0, 3, size=(2, 6, 7, 8)).astype(np.int32)
+    probs, targets = np_softmax(logits.astype(np.float64)), onehot(labels, 3)
+  else:
+    targets = (rng.random(logits.shape) < 0.3).astype(np.float32)
+    labels, probs = targets, np_sigmoid(logits.astype(np.float64))
+  keep = rng.random(logits.shape[:-1]) < 0.8
+  tp, fp, fn = np_squared_stats(probs, targets, keep.astype(np.float64))
+  expected = 1 - (tp + 1e-5) / (tp + alpha * fp + beta * fn + 1e-5)
+  got = losses.tversky_loss(logits, labels, alpha=alpha, beta=beta,
+                            squared_pred=True, activation=activation,
+                            include_background=True, mask=keep,
+                            reduction="none")
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
+  stats = losses.confusion_stats(logits, labels, squared_pred=True,
+                                 activation=activation,
+                                 include_background=True, mask=keep)
+  for g, want in zip(stats, (tp, fp, fn)):
+    np.testing.assert_allclose(g, want, rtol=2e-5, atol=1e-4)
+
+
+def test_squared_pred_dice_is_monai_vnet_dice():
+  # MONAI DiceLoss(squared_pred=True, smooth_nr=a, smooth_dr=b):
+  # 1 - (2 sum pg + a) / (sum p^2 + sum g^2 + b), per case and class.
+  rng = np.random.default_rng(32)
+  logits = rng.normal(size=(2, 5, 6, 7, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(2, 5, 6, 7)).astype(np.int32)
+  p, g = np_softmax(logits.astype(np.float64)), onehot(labels, 3)
+  axes = (1, 2, 3)
+  a, b = 1e-5, 1e-3
+  monai = 1 - (2 * np.sum(p * g, axes) + a) / (
+      np.sum(p**2, axes) + np.sum(g**2, axes) + b)
+  got = losses.dice_loss(logits, labels, squared_pred=True, smooth_nr=a / 2,
+                         smooth_dr=b / 2, include_background=True,
+                         reduction="none")
+  np.testing.assert_allclose(got, monai, rtol=2e-5)
+  # Jaccard: MONAI DiceLoss(jaccard=True, squared_pred=True).
+  inter = np.sum(p * g, axes)
+  monai_j = 1 - (2 * inter + a) / (
+      2 * (np.sum(p**2, axes) + np.sum(g**2, axes) - inter) + b)
+  got_j = losses.jaccard_loss(logits, labels, squared_pred=True,
+                              smooth_nr=a / 2, smooth_dr=b / 2,
+                              include_background=True, reduction="none")
+  np.testing.assert_allclose(got_j, monai_j, rtol=2e-5)
+
+
+def test_squared_pred_scores_soft_target_equal_to_prediction_as_perfect():
+  rng = np.random.default_rng(33)
+  probs = np_softmax(rng.normal(size=(2, 5, 5, 5, 3))).astype(np.float32)
+  kw = dict(from_logits=False, squared_pred=True)
+  assert float(losses.dice_loss(probs, probs, **kw)) < 1e-6
+  # soft_label changes nothing in the squared form (as in MONAI).
+  labels = np_softmax(3 * rng.normal(size=probs.shape)).astype(np.float32)
+  np.testing.assert_array_equal(
+      losses.tversky_loss(probs, labels, soft_label=True, **kw),
+      losses.tversky_loss(probs, labels, **kw))
+
+
+def test_squared_pred_index_above_one_is_not_clipped():
+  # With alpha = 0.9, beta = 0.1 the squared form exceeds 1 for p = 0.55 on a
+  # lesion: TI = 0.55 / (0.9 * 0.3025 + 0.1) > 1. The loss is then negative
+  # (not clipped, so its gradient is not zeroed); the focal loss clips at 0.
+  probs = np.full((1, 4, 1), 0.55, np.float32)
+  labels = np.ones((1, 4, 1), np.float32)
+  kw = dict(alpha=0.9, beta=0.1, from_logits=False, activation="sigmoid",
+            smooth=0.0, squared_pred=True)
+  expected = 1 - 0.55 / (0.9 * 0.55**2 + 0.1)
+  assert expected < 0
+  np.testing.assert_allclose(losses.tversky_loss(probs, labels, **kw),
+                             expected, rtol=1e-6)
+  assert float(jax.grad(losses.tversky_loss)(probs, labels, **kw).sum()) != 0
+  assert float(losses.focal_tversky_loss(probs, labels, **kw)) == 0.0
+  # Without squared_pred the index is <= 1 and the loss >= 0.
+  plain = dict(kw, squared_pred=False)
+  assert float(losses.tversky_loss(probs, labels, **plain)) >= 0.0
+
+
+@pytest.mark.parametrize("loss_name", ["tversky_loss", "dice_loss",
+                                       "focal_tversky_loss",
+                                       "tversky_ce_loss"])
+def test_squared_pred_gradient_matches_finite_differences(loss_name):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(34)
+    x = rng.normal(size=(2, 4, 5, 3, 3))
+    labels = rng.integers(0, 3, size=(2, 4, 5, 3))
+    f = lambda v: getattr(losses, loss_name)(  # noqa: E731
+        v, labels, squared_pred=True, smooth_nr=0.5, smooth_dr=1.0)
+    grad = np.asarray(jax.grad(f)(jnp.asarray(x)))
+    direction = rng.normal(size=x.shape)
+    eps = 1e-6
+    numeric = (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-6,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES[:4])
+@pytest.mark.parametrize("pool_batch", [False, True])
+def test_reduction_none_mean_sum_and_class_weights(loss_name, pool_batch):
+  loss_fn = getattr(losses, loss_name)
+  logits, labels = random_case(35, (3, 6, 6, 6), 4)
+  kw = dict(pool_batch=pool_batch)
+  per = np.asarray(loss_fn(logits, labels, reduction="none", **kw))
+  assert per.shape == ((3,) if pool_batch else (3, 3))
+  rows = per[None] if pool_batch else per
+  np.testing.assert_allclose(loss_fn(logits, labels, **kw), rows.mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(loss_fn(logits, labels, reduction="sum", **kw),
+                             rows.sum(), rtol=1e-6)
+  # Documented weighted mean: sum w_c L_bc / (cases * sum w_c).
+  w = np.array([0.5, 2.0, 0.0])
+  np.testing.assert_allclose(
+      loss_fn(logits, labels, class_weights=w, reduction="none", **kw),
+      per * w, rtol=1e-6)
+  np.testing.assert_allclose(
+      loss_fn(logits, labels, class_weights=w, **kw),
+      np.sum(rows * w) / (rows.shape[0] * w.sum()), rtol=1e-6)
+  np.testing.assert_allclose(
+      loss_fn(logits, labels, class_weights=w, reduction="sum", **kw),
+      np.sum(rows * w), rtol=1e-6)
+  # Scaling the weights does not change the mean.
+  np.testing.assert_allclose(
+      loss_fn(logits, labels, class_weights=3 * w, **kw),
+      loss_fn(logits, labels, class_weights=w, **kw), rtol=1e-6)
+
+
+def test_include_background_false_drops_channel_zero_for_sigmoid():
+  rng = np.random.default_rng(36)
+  logits = rng.normal(size=(2, 6, 6, 6, 3)).astype(np.float32)
+  targets = (rng.random(logits.shape) < 0.3).astype(np.float32)
+  tp, fp, fn = np_stats(np_sigmoid(logits.astype(np.float64)), targets)
+  full = 1 - np_tversky(tp, fp, fn, 0.3, 0.7)
+  kw = dict(activation="sigmoid", reduction="none")
+  np.testing.assert_allclose(
+      losses.tversky_loss(logits, targets, include_background=False, **kw),
+      full[:, 1:], rtol=2e-5)
+  # Default (None) and True keep every sigmoid channel.
+  for include in (None, True):
+    np.testing.assert_allclose(
+        losses.tversky_loss(logits, targets, include_background=include, **kw),
+        full, rtol=2e-5)
+  assert losses.confusion_stats(logits, targets, activation="sigmoid",
+                                include_background=False)[0].shape == (2, 2)
+  with pytest.raises(ValueError, match=r"class_weights.*\(2,\)"):
+    losses.tversky_loss(logits, targets, activation="sigmoid",
+                        include_background=False, class_weights=[1., 1., 1.])
+  # Softmax: False is the default behaviour, True keeps class 0.
+  logits3, labels3 = random_case(36, (2, 6, 6, 6), 3)
+  np.testing.assert_array_equal(
+      losses.tversky_loss(logits3, labels3, include_background=False,
+                          reduction="none"),
+      losses.tversky_loss(logits3, labels3, reduction="none"))
+  assert losses.tversky_loss(logits3, labels3, include_background=True,
+                             reduction="none").shape == (2, 3)
+
+
+def test_single_channel_is_kept_with_include_background_false():
+  rng = np.random.default_rng(37)
+  logits = rng.normal(size=(2, 5, 5, 5, 1)).astype(np.float32)
+  labels = (rng.random((2, 5, 5, 5)) < 0.3).astype(np.int32)
+  with pytest.warns(UserWarning, match="single channel"):
+    dropped = losses.tversky_loss(logits, labels, activation="sigmoid",
+                                  include_background=False, reduction="none")
+  np.testing.assert_array_equal(
+      dropped, losses.tversky_loss(logits, labels, activation="sigmoid",
+                                   reduction="none"))
+  assert dropped.shape == (2, 1)
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES + ["confusion_stats"])
+def test_signatures_are_explicit(loss_name):
+  import inspect  # pylint: disable=import-outside-toplevel
+  params = inspect.signature(getattr(losses, loss_name)).parameters
+  kinds = {p.kind for p in params.values()}
+  assert inspect.Parameter.VAR_KEYWORD not in kinds
+  assert inspect.Parameter.VAR_POSITIONAL not in kinds
+  common = {"from_logits", "activation", "include_background", "mask",
+            "ignore_index", "soft_label", "squared_pred", "pool_batch",
+            "axis_name"}
+  assert common <= set(params)
+  if loss_name != "confusion_stats":
+    assert {"smooth", "smooth_nr", "smooth_dr", "class_weights",
+            "reduction"} <= set(params)
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    getattr(losses, loss_name)(np.zeros((1, 2, 2)), np.zeros((1, 2), int),
+                               apply_softmax=True)
+
+
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
+def test_inputs_are_checked_once_per_call(loss_name, monkeypatch):
+  calls = []
+  original = losses._prepare  # pylint: disable=protected-access
+
+  def counting(*args, **kwargs):
+    calls.append(kwargs["fn"])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(losses, "_prepare", counting)
+  logits, labels = random_case(38, (1, 4, 4, 4), 2)
+  getattr(losses, loss_name)(logits, labels)
+  assert calls == [loss_name]
+
+
+def test_bad_new_options_raise():
+  logits, labels = random_case(39, (1, 4, 4, 4), 2)
+  for overrides, message in [
+      (dict(smooth_nr=-1.0), r"`smooth_nr` must be >= 0"),
+      (dict(smooth_dr=-1e-3), r"`smooth_dr` must be >= 0"),
+      (dict(squared_pred="yes"), r"`squared_pred` must be a Python bool"),
+      (dict(include_background=0), r"`include_background` must be a Python "
+       r"bool or None"),
+      (dict(reduction="batch"), r"unknown `reduction`='batch'")]:
+    with pytest.raises(ValueError, match=message):
+      losses.tversky_loss(logits, labels, **overrides)
+  with pytest.raises(ValueError, match=r"`smooth_dr` must be >= 0"):
+    losses.tversky_index(1.0, 1.0, 1.0, smooth_dr=-1.0)
+  with pytest.raises(ValueError, match=r"unknown `reduction`='sum'"):
+    losses.tversky_ce_loss(logits, labels, reduction="sum")

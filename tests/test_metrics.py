@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import (
+  average_precision_score,
+  balanced_accuracy_score,
+  f1_score,
+  fbeta_score,
+  matthews_corrcoef,
+  precision_score,
+  recall_score,
+)
 
 from tversky_jax import metrics as M
 
@@ -476,3 +485,327 @@ def test_public_api_documented():
     fn = getattr(M, name)
     assert fn.__doc__ and "1706.05721" in fn.__doc__, name
     assert "return" in fn.__annotations__, name
+
+
+# ---------------------------------------------------------------------------
+# the confusion-matrix family vs scikit-learn
+# ---------------------------------------------------------------------------
+
+FAMILY_FNS = {
+  "npv": (M.npv, M.npv_from_counts),
+  "fpr": (M.fpr, M.fpr_from_counts),
+  "fnr": (M.fnr, M.fnr_from_counts),
+  "balanced_accuracy": (M.balanced_accuracy, M.balanced_accuracy_from_counts),
+  "mcc": (M.mcc, M.mcc_from_counts),
+}
+
+
+def sk_family(y, p):
+  """Every count metric of one flat binary case, from scikit-learn."""
+  kw = dict(zero_division=np.nan)
+  return {
+    "dsc": f1_score(y, p, **kw),
+    "f2": fbeta_score(y, p, beta=2.0, **kw),
+    "sensitivity": recall_score(y, p, **kw),
+    "specificity": recall_score(y, p, pos_label=0, **kw),
+    "precision": precision_score(y, p, **kw),
+    "npv": precision_score(y, p, pos_label=0, **kw),
+    "fpr": 1.0 - recall_score(y, p, pos_label=0, **kw),
+    "fnr": 1.0 - recall_score(y, p, **kw),
+    "balanced_accuracy": balanced_accuracy_score(y, p),
+    "mcc": matthews_corrcoef(y, p),
+  }
+
+
+def sk_cases(pred, lab, mask=None, pooled=False):
+  pred, lab = np.asarray(pred) != 0, np.asarray(lab) != 0
+  keep = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
+  if pooled:
+    return sk_family(lab[keep], pred[keep])
+  rows = [sk_family(lab[i][keep[i]], pred[i][keep[i]]) for i in range(len(pred))]
+  return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+ALL_RATIO_FNS = dict(RATIO_FNS, **{k: v[0] for k, v in FAMILY_FNS.items()})
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("empty", ["one", "nan"])
+def test_confusion_family_matches_sklearn(rng, pooled, use_mask, empty):
+  # Cases with lesion, background, predicted lesion and predicted background,
+  # so no ratio is empty and every convention agrees with scikit-learn.
+  probs, labels = random_case(rng, (5, 9, 8, 7), 0.3)
+  probs = np.where(labels & (rng.random(labels.shape) < 0.5), 0.9, probs)
+  mask = rng.random(probs.shape) < 0.8 if use_mask else None
+  ref = sk_cases(probs >= 0.5, labels, mask, pooled)
+  counts = M.confusion_counts(probs, labels, mask=mask, pooled=pooled)
+  for name, fn in ALL_RATIO_FNS.items():
+    got = np.asarray(fn(probs, labels, mask=mask, pooled=pooled, empty=empty))
+    assert got.shape == (() if pooled else (5,)), name
+    assert np.all(np.isfinite(got)), name
+    np.testing.assert_allclose(got, ref[name], rtol=2e-6, atol=1e-7, err_msg=name)
+  for name, (_, from_counts) in FAMILY_FNS.items():
+    np.testing.assert_allclose(
+      np.asarray(from_counts(*counts, empty=empty)), ref[name], rtol=2e-6,
+      atol=1e-7, err_msg=name,
+    )
+
+
+def test_mcc_extremes_and_no_overflow():
+  assert float(M.mcc_from_counts(5, 0, 0, 7)) == 1.0
+  assert float(M.mcc_from_counts(0, 5, 7, 0)) == -1.0
+  # pooled counts of ~1e9 voxels: products of counts reach 1e36
+  tp, fp, fn, tn = 1.2e9, 3.0e8, 4.0e8, 1.9e9
+  ref = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+  np.testing.assert_allclose(float(M.mcc_from_counts(tp, fp, fn, tn)), ref, rtol=1e-6)
+  big = np.array([2**30, 2**29, 2**28, 2**30], np.int32)
+  t, f, n, g = (float(x) for x in big)
+  ref = (t * g - f * n) / math.sqrt((t + f) * (t + n) * (g + f) * (g + n))
+  np.testing.assert_allclose(float(M.mcc_from_counts(*big)), ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# empty= rules
+# ---------------------------------------------------------------------------
+
+
+def test_empty_one_rules_of_the_family():
+  pred, lab = _empty_batch()
+  # 0: empty GT + empty pred, 1: empty GT + 2 FP, 2: lesion (2) + empty pred
+  np.testing.assert_array_equal(np.asarray(M.npv(pred, lab)), [1.0, 1.0, 14 / 16])
+  np.testing.assert_array_equal(np.asarray(M.fpr(pred, lab)), [0.0, 2 / 16, 0.0])
+  np.testing.assert_array_equal(np.asarray(M.fnr(pred, lab)), [0.0, 0.0, 1.0])
+  np.testing.assert_allclose(
+    np.asarray(M.balanced_accuracy(pred, lab)), [1.0, (1 + 14 / 16) / 2, 0.5]
+  )
+  np.testing.assert_array_equal(np.asarray(M.mcc(pred, lab)), [1.0, 0.0, 0.0])
+  # error rates are the complements of the scores, empty cases included
+  np.testing.assert_allclose(M.fpr(pred, lab), 1 - M.specificity(pred, lab))
+  np.testing.assert_allclose(M.fnr(pred, lab), 1 - M.sensitivity(pred, lab))
+  # no negative voxel at all; nothing predicted negative
+  full = np.ones((1, 4), bool)
+  assert float(M.fpr(full, full)[0]) == 0.0
+  assert float(M.npv(full, full)[0]) == 1.0
+  assert float(M.mcc(full, full)[0]) == 1.0
+  assert float(M.mcc(full, ~full)[0]) == 0.0
+
+
+def test_empty_nan_follows_monai():
+  pred, lab = _empty_batch()
+  got = M.all_metrics(pred, lab, empty="nan")
+  nan = np.nan
+  # DiceMetric(ignore_empty=True): NaN whenever the reference is empty
+  np.testing.assert_array_equal(np.asarray(got["dsc"]), [nan, nan, 0.0])
+  np.testing.assert_array_equal(np.asarray(got["f2"]), [nan, nan, 0.0])
+  # ConfusionMatrixMetric: NaN where the denominator is 0
+  np.testing.assert_array_equal(np.asarray(got["sensitivity"]), [nan, nan, 0.0])
+  np.testing.assert_array_equal(np.asarray(got["precision"]), [nan, 0.0, nan])
+  np.testing.assert_array_equal(np.asarray(got["specificity"]), [1.0, 14 / 16, 1.0])
+  kw = dict(empty="nan")
+  np.testing.assert_array_equal(np.asarray(M.npv(pred, lab, **kw)), [1.0, 1.0, 14 / 16])
+  np.testing.assert_array_equal(np.asarray(M.fnr(pred, lab, **kw)), [nan, nan, 1.0])
+  np.testing.assert_array_equal(np.asarray(M.fpr(pred, lab, **kw)), [0.0, 2 / 16, 0.0])
+  np.testing.assert_array_equal(
+    np.asarray(M.balanced_accuracy(pred, lab, **kw)), [nan, nan, 0.5]
+  )
+  np.testing.assert_array_equal(np.asarray(M.mcc(pred, lab, **kw)), [nan, nan, nan])
+  # skipped in the mean: nanmean over the defined cases
+  assert float(jnp.nanmean(got["precision"])) == 0.0
+  # the APR rule does not change
+  assert np.isnan(np.asarray(got["apr"][0]))
+  # from counts, and a reference-free case with FP (MONAI's Dice: NaN)
+  assert np.isnan(float(M.dice_from_counts(0, 3, 0, 5, empty="nan")))
+  assert float(M.dice_from_counts(0, 3, 0, 5)) == 0.0
+  assert np.isnan(float(M.f_beta_from_counts(0, 3, 0, 5, beta=0.5, empty="nan")))
+  # pooled: NaN only if the whole batch is empty
+  assert float(M.dice(pred, lab, pooled=True, empty="nan")) == 0.0
+
+
+@pytest.mark.parametrize("fn", list(ALL_RATIO_FNS.values()) + [M.all_metrics])
+def test_bad_empty_raises(fn):
+  x = np.zeros((1, 3))
+  with pytest.raises(ValueError, match=r"empty must be one of \['one', 'nan'\]"):
+    fn(x, x, empty="zero")
+
+
+# ---------------------------------------------------------------------------
+# per-class metrics of class maps
+# ---------------------------------------------------------------------------
+
+
+def random_class_maps(rng, shape=(3, 6, 7, 5), k=4):
+  labels = rng.integers(0, k, shape)
+  pred = np.where(rng.random(shape) < 0.6, labels, rng.integers(0, k, shape))
+  return pred.astype(np.int32), labels.astype(np.uint8)
+
+
+@pytest.mark.parametrize("include_background", [False, True])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_per_class_metrics_match_sklearn_one_vs_rest(rng, include_background, pooled):
+  pred, labels = random_class_maps(rng)
+  mask = rng.random(pred.shape) < 0.9
+  classes = list(range(0 if include_background else 1, 4))
+  kw = dict(num_classes=4, include_background=include_background, mask=mask,
+            pooled=pooled)
+  expected_shape = (len(classes),) if pooled else (3, len(classes))
+  got = {name: np.asarray(fn(pred, labels, **kw)) for name, fn in ALL_RATIO_FNS.items()}
+  for c_idx, c in enumerate(classes):
+    ref = sk_cases(pred == c, labels == c, mask, pooled)
+    for name in ALL_RATIO_FNS:
+      assert got[name].shape == expected_shape, name
+      np.testing.assert_allclose(
+        got[name][..., c_idx], ref[name], rtol=2e-6, atol=1e-7, err_msg=f"{name} {c}"
+      )
+  allm = M.all_metrics(pred, labels, **kw)
+  assert set(allm) == {"dsc", "sensitivity", "specificity", "precision", "f2"}
+  np.testing.assert_allclose(np.asarray(allm["dsc"]), got["dsc"], rtol=1e-7)
+  # sklearn's per-class (average=None) scores, pooled over all voxels
+  if pooled:
+    keep = mask.ravel()
+    y, p = labels.ravel()[keep], pred.ravel()[keep]
+    np.testing.assert_allclose(
+      got["dsc"], f1_score(y, p, labels=classes, average=None), rtol=2e-6
+    )
+    np.testing.assert_allclose(
+      got["sensitivity"], recall_score(y, p, labels=classes, average=None), rtol=2e-6
+    )
+
+
+def test_binary_mode_is_two_class_mode_without_background(rng):
+  probs, labels = random_case(rng)
+  binary = M.all_metrics(probs, labels)
+  two = M.all_metrics((probs >= 0.5).astype(np.int32), labels.astype(np.int32),
+                      num_classes=2)
+  for name in two:
+    np.testing.assert_array_equal(np.asarray(two[name])[:, 0], np.asarray(binary[name]))
+  counts = M.confusion_counts(probs >= 0.5, labels, num_classes=2,
+                              include_background=True, pooled=True)
+  assert counts[0].shape == (2,)
+  # class 0's TP are class 1's TN
+  assert int(counts[0][0]) == int(counts[3][1])
+
+
+def test_class_map_errors():
+  pred = np.zeros((1, 4), np.int32)
+  lab = np.array([[0, 1, 2, 3]])
+  with pytest.raises(ValueError, match=r"predictions must be an integer class map"):
+    M.dice(pred.astype(np.float32), lab, num_classes=4)
+  with pytest.raises(ValueError, match=r"predictions contains values \[4\] outside"):
+    M.dice(pred + 4, lab, num_classes=4)
+  with pytest.raises(ValueError, match=r"include_background=True needs num_classes"):
+    M.dice(pred, lab, include_background=True)
+  with pytest.raises(ValueError, match=r"num_classes must be None or an int >= 2"):
+    M.dice(pred, lab, num_classes=1)
+  with pytest.raises(ValueError, match=r"ignore_index=3 is a class index"):
+    M.dice(pred, lab, num_classes=4, ignore_index=3)
+
+
+# ---------------------------------------------------------------------------
+# labels outside the classes (issue 9): error when concrete, dropped when traced
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "bad,shown",
+  [(2, "[2]"), (-1, "[-1]"), (255, "[255]"), (0.5, "[0.5]"), (np.nan, "[nan]")],
+)
+@pytest.mark.parametrize("fn", [M.dice, M.confusion_counts, M.all_metrics,
+                                M.average_precision, M.mcc])
+def test_labels_outside_classes_raise(fn, bad, shown):
+  probs = np.full((2, 5), 0.7, np.float32)
+  dtype = np.float32 if isinstance(bad, float) else np.int32
+  lab = np.zeros((2, 5), dtype)
+  lab[1, 3] = bad
+  with pytest.raises(ValueError) as info:
+    fn(probs, lab)
+  message = str(info.value)
+  assert "\n" not in message
+  assert f"labels contains values {shown} outside the 2 classes [0, 1]" in message
+
+
+def test_labels_outside_classes_with_ignore_index_and_num_classes():
+  lab = np.array([[0, 1, 2, 255, 7]], np.int32)
+  pred = np.zeros((1, 5), np.int32)
+  with pytest.raises(ValueError, match=r"values \[7\] outside the 3 .*ignore_index=255"):
+    M.dice(pred, lab, num_classes=3, ignore_index=255)
+  with pytest.raises(ValueError, match=r"values \[3\] outside the 3 classes \[0, 2\]"):
+    M.dice(pred, np.array([[0, 1, 2, 3, 0]]), num_classes=3)
+  ok = lab.copy()
+  ok[0, 4] = 255
+  np.testing.assert_array_equal(
+    [np.asarray(c) for c in M.confusion_counts(pred, ok, num_classes=3,
+                                               ignore_index=255)],
+    [np.asarray(c) for c in M.confusion_counts(pred[:, :3], lab[:, :3],
+                                               num_classes=3)],
+  )
+
+
+def test_labels_outside_classes_are_dropped_under_jit(rng):
+  probs, labels = random_case(rng)
+  bad = rng.random(labels.shape) < 0.2
+  corrupted = np.where(bad, rng.choice([-1, 2, 255], labels.shape), labels).astype(
+    np.int32
+  )
+  expected = M.all_metrics(probs, labels, mask=~bad)
+  got = jax.jit(M.all_metrics)(probs, corrupted)
+  for name in expected:
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(expected[name]),
+                               rtol=1e-6, err_msg=name)
+  # float labels: non-integers and NaN are not classes either
+  floats = np.where(bad, np.where(rng.random(labels.shape) < 0.5, 0.5, np.nan),
+                    labels).astype(np.float32)
+  got = jax.jit(M.dice)(probs, floats)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected["dsc"]), rtol=1e-6)
+  # class maps: traced out-of-range predictions predict no class
+  pred, lab = random_class_maps(rng)
+  lab_bad = np.where(bad, 9, lab).astype(np.int32)
+  got = jax.jit(lambda p, y: M.confusion_counts(p, y, num_classes=4))(pred, lab_bad)
+  want = M.confusion_counts(pred, lab, num_classes=4, mask=~bad)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  pred_bad = np.where(bad, 7, pred).astype(np.int32)
+  tp, fp, fn, tn = jax.jit(lambda p, y: M.confusion_counts(p, y, num_classes=4))(
+    pred_bad, lab
+  )
+  want = M.confusion_counts(pred, lab, num_classes=4, mask=~bad)
+  np.testing.assert_array_equal(np.asarray(fp), np.asarray(want[1]))
+  assert np.all(np.asarray(tp + fp + fn + tn) == np.prod(lab.shape[1:]) * 1)
+
+
+def test_loss_and_metrics_agree_on_labels_outside_classes(rng):
+  # Hard one-hot probabilities make the soft Dice loss the hard DSC: under
+  # jit both drop the voxels whose label is not a class.
+  from tversky_jax import losses  # pylint: disable=import-outside-toplevel
+
+  probs, labels = random_case(rng, (3, 8, 8, 8), 0.3)
+  hard = probs >= 0.5
+  two_channel = np.stack([~hard, hard], -1).astype(np.float32)
+  bad = rng.random(labels.shape) < 0.15
+  corrupted = np.where(bad, 3, labels).astype(np.int32)
+  dice_loss = jax.jit(
+    lambda p, y: losses.dice_loss(p, y, from_logits=False, smooth=0.0, reduction="none")
+  )(two_channel, corrupted)
+  dsc = jax.jit(M.dice)(hard, corrupted)
+  np.testing.assert_allclose(1 - np.asarray(dice_loss)[:, 0], np.asarray(dsc), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(dsc), np.asarray(M.dice(hard, labels, mask=~bad)), rtol=1e-6
+  )
+  # and both raise on concrete labels
+  with pytest.raises(ValueError, match=r"values \[3\] outside"):
+    losses.dice_loss(two_channel, corrupted, from_logits=False)
+  with pytest.raises(ValueError, match=r"values \[3\] outside"):
+    M.dice(hard, corrupted)
+
+
+def test_ignore_index_in_metrics(rng):
+  probs, labels = random_case(rng)
+  keep = rng.random(labels.shape) < 0.7
+  ignored = np.where(keep, labels, 255).astype(np.int32)
+  expected = M.all_metrics(probs, labels, mask=keep)
+  got = M.all_metrics(probs, ignored, ignore_index=255)
+  for name in expected:
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(expected[name]),
+                               rtol=1e-7, err_msg=name)
+  with pytest.raises(ValueError, match="ignore_index=1 is a class index"):
+    M.average_precision(probs, labels, ignore_index=1)

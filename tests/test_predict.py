@@ -256,6 +256,31 @@ def test_unreadable_file_is_reported_and_skipped(run, tmp_path, capsys):
   assert "test_000_0001.nii.gz: cannot read" in err
 
 
+def test_a_failing_case_is_skipped_and_the_others_written(run, tmp_path,
+                                                          monkeypatch, capsys):
+  """Device out of memory (or any failure) in one case loses no other."""
+  original = predict.Predictor.predict_files
+
+  def predict_files(self, paths, progress=False):
+    if "test_000" in str(paths[0]):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                         "allocate 17179869184 bytes.\nBufferAssignment ...")
+    return original(self, paths, progress)
+
+  monkeypatch.setattr(predict.Predictor, "predict_files", predict_files)
+  out = tmp_path / "out"
+  status = predict.main(["--workdir", str(run.workdir), "--input",
+                         str(run.root), "--output", str(out), "--no-progress",
+                         "--save-probabilities"])
+  assert status == 1
+  assert sorted(os.listdir(out)) == ["test_001.nii.gz",
+                                     "test_001_prob.nii.gz"]
+  err = capsys.readouterr().err
+  assert "error: case test_000: RESOURCE_EXHAUSTED: Out of memory" in err
+  assert "Traceback" not in err
+  assert "1 case(s) failed: test_000" in err
+
+
 def test_no_checkpoint_is_a_one_line_error(run, tmp_path, capsys):
   common = ["--input", str(run.root), "--output", str(tmp_path / "out")]
   assert predict.main(["--workdir", str(tmp_path / "nowhere"), *common]) == 1

@@ -6,6 +6,7 @@ all 4 simulated devices once; the tests compare other runs with it.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,10 +137,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
     ("inference.overlap", 1.0, "config.inference.overlap=1.0"),
     ("seed", -1, "config.seed=-1: must be >= 0"),
     ("data.synthetic_shape", (8, 8, 8), "each >= 16"),
+    ("data.num_val_cases", -1, "config.data.num_val_cases=-1"),
 ])
 def test_bad_config_fails_before_compiling(tiny_dataset, tmp_path, key, value,
                                            message):
-  config = tiny_config(tiny_dataset, **{key: value})
+  # The phantom settings are checked only when phantoms are to be written.
+  config = tiny_config(tiny_dataset, **{key: value,
+                                        "data.synthesize_if_missing": True})
   with pytest.raises(train_lib.ConfigError, match=message):
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
 
@@ -237,6 +241,25 @@ def test_resuming_with_a_different_network_is_a_clear_error(
                      match="config.model.depth=3: the run in .* was trained "
                            "with model.depth=2"):
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def test_resuming_with_other_input_channels_is_a_clear_error(
+    tiny_dataset, tmp_path):
+  config = tiny_config(tiny_dataset, **{"train.num_steps": 1})
+  train_lib.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  two = tmp_path / "two_channels"
+  shutil.copytree(tiny_dataset, two)
+  for path in (two / "imagesTr").glob("*_0002.nii.gz"):
+    path.unlink()
+  meta = json.loads((two / "dataset.json").read_text())
+  meta["channel_names"] = {"0": "T1", "1": "T2"}
+  (two / "dataset.json").write_text(json.dumps(meta))
+  config.data.root = str(two)
+  with pytest.raises(train_lib.ConfigError,
+                     match=r"its channels \['T1', 'T2'\] differ from the "
+                           r"channels \['T1', 'T2', 'FLAIR'\]"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"),
+                                 progress=False)
 
 
 def test_best_checkpoint_ignores_missing_and_nan_metrics(tmp_path):

@@ -196,9 +196,18 @@ class CheckpointManager:
     self._manager.reload()
 
   def restore_meta(self, step: int) -> dict[str, Any]:
-    """Reads only the JSON metadata (step, config, metrics) of ``step``."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    """Reads only the JSON metadata (step, config, metrics) of ``step``.
+
+    Raises:
+      CheckpointError: the metadata cannot be read.
+    """
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax/tensorstore raise many kinds
+      raise CheckpointError(
+          f"checkpoint of step {step} in {self.directory} is unreadable "
+          f"({type(error).__name__}: {_first_line(error)})") from error
     return dict(restored.meta)
 
   def _restore_step(self, abstract_state: PyTree, step: int) -> Restored:

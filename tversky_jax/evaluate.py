@@ -41,6 +41,9 @@ of the summed counts, and a ``mean`` row: the mean of the per-case values,
 APR averaged over the cases that have lesions and probabilities; an empty
 cell means undefined), a table on stdout, and ``pr_curve.png`` (voxel-wise
 precision-recall curves per case and pooled) when probabilities exist.
+``--report report.html [--images imagesTs/]`` also writes a self-contained
+HTML page with the table, the curves and per-case overlay montages (see
+:mod:`tversky_jax.report`).
 
 Function API (for the replication sweep)::
 
@@ -133,6 +136,20 @@ class LesionCounts:
                                                 dataclasses.astuple(other))))
 
 
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+  """26-connected components (the lesions) of a mask.
+
+  Args:
+    mask: ``[x, y, z]``, foreground where non-zero.
+
+  Returns:
+    ``(labels, count)``: ``int32 [x, y, z]`` component numbers ``1..count``,
+    0 on the background.
+  """
+  labels, count = ndimage.label(np.asarray(mask) != 0, structure=_STRUCTURE)
+  return labels, int(count)
+
+
 def lesion_detection(prediction: np.ndarray,
                      reference: np.ndarray) -> LesionCounts:
   """Lesion-wise detection with 26-connected components.
@@ -148,8 +165,8 @@ def lesion_detection(prediction: np.ndarray,
   ref = np.asarray(reference) != 0
   if pred.shape != ref.shape:
     raise ValueError(f"shapes differ: {pred.shape} vs {ref.shape}")
-  ref_labels, n_ref = ndimage.label(ref, structure=_STRUCTURE)
-  pred_labels, n_pred = ndimage.label(pred, structure=_STRUCTURE)
+  ref_labels, n_ref = connected_components(ref)
+  pred_labels, n_pred = connected_components(pred)
   detected = np.unique(ref_labels[pred & ref]).size
   true_components = np.unique(pred_labels[pred & ref]).size
   return LesionCounts(reference=int(n_ref), predicted=int(n_pred),
@@ -658,18 +675,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not write pr_curve.png")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
+  parser.add_argument("--report", metavar="FILE.html",
+                      help="also write a self-contained HTML report: metrics "
+                      "table, PR curve and per-case overlay montages, worst "
+                      "DSC first")
+  parser.add_argument("--images", metavar="DIR",
+                      help="with --report: scans for the overlay background, "
+                      "CASE_0000.nii.gz files (nnU-Net imagesTr/imagesTs); "
+                      "default: grey")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.images and not args.report:
+    parser.error("--images is only used with --report")
   out_dir = args.output or args.predictions
+  report_path = None
   try:
+    if args.report:  # checks its inputs before the evaluation runs
+      from tversky_jax import report  # pylint: disable=g-import-not-at-top
+      files = report.collect_inputs(args.predictions, args.labels,
+                                    args.images,
+                                    allow_missing=args.allow_missing)
     result = evaluate_folders(args.predictions, args.labels, out_dir,
                               allow_missing=args.allow_missing,
                               plot=not args.no_plot,
                               progress=not args.no_progress)
+    if args.report:
+      report_path = report.write_report(result, files, args.report,
+                                        progress=not args.no_progress)
   except (EvaluationError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
@@ -677,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"\nWrote {result.csv_path}"
         + (f" and {result.plot_path}" if result.plot_path else
            " (no probability maps, so no pr_curve.png)"))
+  if report_path is not None:
+    print(f"Wrote {report_path}")
   return 0
 
 
@@ -685,4 +724,7 @@ def _log(message: str) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Run the importable module, not __main__: tversky_jax.report imports it and
+  # raises its EvaluationError, which main() must catch.
+  from tversky_jax import evaluate  # pylint: disable=g-import-not-at-top
+  sys.exit(evaluate.main())

@@ -13,28 +13,50 @@ Conventions used throughout this module:
   / soft map ``[batch, *spatial, classes]`` with values in ``[0, 1]``.
 * **alpha weighs false positives, beta weighs false negatives**, as in the
   paper: ``TI = TP / (TP + alpha * FP + beta * FN)``. (Abraham & Khan's focal
-  Tversky paper swaps the two names; this module never does.) alpha = beta =
-  0.5 is the Dice coefficient, alpha = beta = 1 the Jaccard index, and
-  alpha + beta = 1 the F-beta family (alpha = 0.2, beta = 0.8 is F2).
+  Tversky paper swaps the two names; this module never does. MONAI's
+  ``TverskyLoss`` and optax's ``dice_loss`` use the same convention as here.)
+  alpha = beta = 0.5 is the Dice coefficient, alpha = beta = 1 the Jaccard
+  index, and alpha + beta = 1 the F-beta family (alpha = 0.2, beta = 0.8 is
+  F2).
 * **Soft counts** are the paper's Eq. 3 sums over voxels ``i``:
   ``TP = sum p_i g_i``, ``FP = sum p_i (1 - g_i)``, ``FN = sum (1 - p_i) g_i``.
-* **Empty classes.** ``smooth`` is added to the numerator and the denominator:
-  ``TI = (TP + smooth) / (TP + alpha FP + beta FN + smooth)``. A class with
-  neither ground truth nor prediction therefore has index 1 and loss 0, and the
-  denominator never falls below ``smooth``, so the gradient is finite for
-  all-background volumes, all-foreground volumes and extreme logits.
+  ``squared_pred=True`` uses V-Net's squared sums instead, with FP and FN
+  defined as MONAI does for ``DiceLoss(squared_pred=True)``:
+  ``TP = sum p_i g_i``, ``FP = sum p_i^2 - TP``, ``FN = sum g_i^2 - TP``, so
+  alpha = beta = 0.5 gives ``2TP / (sum p^2 + sum g^2)``.
+* **Smoothing.** ``TI = (TP + smooth_nr) / (TP + alpha FP + beta FN +
+  smooth_dr)``. Each of ``smooth_nr`` and ``smooth_dr`` that is not given
+  (None) takes the value of ``smooth`` (default 1e-5), so ``smooth`` alone
+  means both, as before, and a given ``smooth_nr`` / ``smooth_dr`` always wins.
+  With equal smoothing a class with neither ground truth nor prediction has
+  index 1 and loss 0; with ``smooth_nr=0`` it has index 0 and loss 1. While
+  ``smooth_dr > 0`` the denominator never falls below it, so the gradient is
+  finite for all-background volumes, all-foreground volumes and extreme
+  logits.
+* **Background.** ``include_background=None`` (the default) drops softmax class
+  0 (the paper's loss is on the lesion class) and keeps every sigmoid channel
+  (independent regions). ``False`` drops channel 0 whatever the activation,
+  as MONAI does; ``True`` keeps every channel. A single channel is always kept
+  (MONAI too: it warns and ignores ``include_background=False``).
+* **Labels outside the classes.** A class-map value that is not a class
+  (``< 0`` or ``>= classes``; for a single sigmoid channel, not 0 or 1) and is
+  not ``ignore_index`` raises ValueError when the labels are concrete. Under
+  ``jax.jit`` (traced labels) the values cannot be checked, and such voxels are
+  dropped from every sum, like ``ignore_index`` voxels. The metrics in
+  :mod:`tversky_jax.metrics` follow the same rule.
 * **Precision.** Inputs of any float dtype (bfloat16 included) are accumulated
   in float32 (float64 when given float64 inputs with ``jax_enable_x64``).
 * **Transformations.** Nothing here branches in Python on array values, so all
   functions work under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` (for example
   over a grid of alpha and beta), and inside ``jax.pmap`` / ``jax.shard_map``
   with ``axis_name``. Argument checks that need values (negative alpha, labels
-  out of range) run only when those values are concrete.
+  out of range) run only when those values are concrete, once per call.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import warnings
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +103,42 @@ def _check_nonnegative(name: str, value: Any, fn: str) -> None:
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str], fn: str):
-  if value not in choices:
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(
         f"{fn}: unknown `{name}`={value!r}; expected one of {list(choices)}.")
+
+
+def _check_bool(name: str, value: Any, fn: str, allow_none: bool = False):
+  if value is None and allow_none:
+    return
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(
+        f"{fn}: `{name}` must be a Python bool"
+        + (" or None" if allow_none else "") + f", got {value!r}.")
+
+
+def _check_options(fn: str, *, alpha, beta, gamma, smooth, smooth_nr,
+                   smooth_dr, reduction, reductions, from_logits, activation,
+                   include_background, soft_label, squared_pred,
+                   pool_batch) -> tuple[Any, Any]:
+  """Checks the non-array options of a loss once; returns ``(nr, dr)``."""
+  _check_choice("activation", activation, ACTIVATIONS, fn)
+  _check_choice("reduction", reduction, reductions, fn)
+  for name, value in (("from_logits", from_logits), ("soft_label", soft_label),
+                      ("squared_pred", squared_pred),
+                      ("pool_batch", pool_batch)):
+    _check_bool(name, value, fn)
+  _check_bool("include_background", include_background, fn, allow_none=True)
+  nr = smooth if smooth_nr is None else smooth_nr
+  dr = smooth if smooth_dr is None else smooth_dr
+  for name, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth),
+                      ("smooth_nr", nr), ("smooth_dr", dr)):
+    _check_nonnegative(name, value, fn)
+  if gamma is not None:
+    concrete = _concrete(gamma)
+    if concrete is not None and np.any(concrete <= 0):
+      raise ValueError(f"{fn}: `gamma` must be > 0, got {concrete.tolist()}.")
+  return nr, dr
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +243,9 @@ def _targets(labels: Array, predictions: Array, activation: str,
   """Per-class targets ``g_c`` (each ``[batch, *spatial]``) and a validity mask.
 
   Raises ValueError for shapes that do not fit ``predictions`` and, when the
-  labels are concrete, for values out of range.
+  labels are concrete, for values out of range. For traced class maps the
+  mask drops the voxels whose label is not a class (see the module
+  docstring).
   """
   num_classes = predictions.shape[-1]
   dtype = _accumulation_dtype(predictions.dtype)
@@ -218,19 +275,27 @@ def _targets(labels: Array, predictions: Array, activation: str,
     # A single sigmoid channel takes a binary map {0, 1}.
     num_values = 2 if activation == "sigmoid" else num_classes
     concrete = _concrete(labels)
-    if concrete is not None and concrete.size:
-      values = concrete.astype(np.int64)
-      bad = (values < 0) | (values >= num_values)
-      if ignore_index is not None:
-        bad &= values != ignore_index
-      if np.any(bad):
-        raise ValueError(
-            f"{fn}: `labels` contains values {np.unique(values[bad])[:10].tolist()} "
-            f"outside [0, {num_values - 1}] for `predictions` with "
-            f"{num_classes} class(es)"
-            + ("" if ignore_index is None else
-               f" (ignore_index={ignore_index})") + ".")
-    valid = None if ignore_index is None else labels != ignore_index
+    if concrete is None:
+      # Traced: values cannot be checked, so voxels whose label is not a class
+      # (ignore_index included, as it is outside [0, num_values)) are dropped.
+      if labels.dtype == bool and num_values >= 2:
+        valid = None
+      else:
+        valid = (labels >= 0) & (labels < num_values)
+    else:
+      if concrete.size:
+        values = concrete.astype(np.int64)
+        bad = (values < 0) | (values >= num_values)
+        if ignore_index is not None:
+          bad &= values != ignore_index
+        if np.any(bad):
+          raise ValueError(
+              f"{fn}: `labels` contains values "
+              f"{np.unique(values[bad])[:10].tolist()} outside "
+              f"[0, {num_values - 1}] ({num_values} classes)"
+              + ("; pass ignore_index to skip voxels" if ignore_index is None
+                 else f", and not ignore_index={ignore_index}") + ".")
+      valid = None if ignore_index is None else labels != ignore_index
     if activation == "sigmoid":
       return [(labels == 1).astype(dtype)], valid
     return [(labels == c).astype(dtype) for c in range(num_classes)], valid
@@ -274,11 +339,19 @@ def _voxel_weight(mask: ArrayLike | None, valid: Array | None,
   return weight
 
 
+class _Inputs(NamedTuple):
+  """Checked inputs: ``predictions`` as given (an array), the per-class
+  targets ``[batch, *spatial]`` and the voxel weight (None: all voxels)."""
+  predictions: Array
+  targets: list[Array]
+  weight: Array | None
+
+
 def _prepare(predictions, labels, *, from_logits, activation, mask,
-             ignore_index, fn):
+             ignore_index, fn) -> _Inputs:
+  """Checks the arrays (shapes, dtypes, label values) once per call."""
   predictions = jnp.asarray(predictions)
   labels = jnp.asarray(labels)
-  _check_choice("activation", activation, ACTIVATIONS, fn)
   if predictions.ndim < 2:
     raise ValueError(
         f"{fn}: `predictions` must be [batch, *spatial, classes], got shape "
@@ -294,86 +367,30 @@ def _prepare(predictions, labels, *, from_logits, activation, mask,
   targets, valid = _targets(labels, predictions, activation, ignore_index, fn)
   weight = _voxel_weight(mask, valid, predictions.shape[:-1],
                          _accumulation_dtype(predictions.dtype), fn)
-  return predictions, targets, weight
+  return _Inputs(predictions, targets, weight)
 
 
 def _kept_classes(num_classes: int, activation: str,
-                  include_background: bool) -> range:
-  # Background is class 0 of a softmax; sigmoid channels are all foreground.
-  if activation == "softmax" and not include_background:
-    return range(1, num_classes)
-  return range(num_classes)
+                  include_background: bool | None, fn: str) -> tuple[int, ...]:
+  """The channels that enter the loss; see "Background" in the module doc."""
+  if include_background is None:
+    drop = activation == "softmax"  # softmax class 0 is the background
+  else:
+    drop = not include_background
+  if drop and num_classes == 1:
+    if include_background is False:
+      warnings.warn(
+          f"{fn}: single channel prediction, include_background=False "
+          "ignored (there is no other channel to keep).", stacklevel=4)
+    return (0,)
+  return tuple(range(1 if drop else 0, num_classes))
 
 
-# --------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------
-
-
-def confusion_stats(
-    predictions: ArrayLike,
-    labels: ArrayLike,
-    *,
-    from_logits: bool = True,
-    activation: str = "softmax",
-    include_background: bool = False,
-    mask: ArrayLike | None = None,
-    ignore_index: int | None = None,
-    soft_label: bool = False,
-    pool_batch: bool = False,
-    axis_name: Any = None,
-) -> tuple[Array, Array, Array]:
-  """Soft true positives, false positives and false negatives per class.
-
-  Implements the sums of Eq. 3 of Salehi et al. (2017), for every class ``c``
-  and over all voxels ``i`` of a case::
-
-    TP_c = sum_i p_ic g_ic
-    FP_c = sum_i p_ic (1 - g_ic)
-    FN_c = sum_i (1 - p_ic) g_ic
-
-  Args:
-    predictions: ``[batch, *spatial, classes]`` logits (``from_logits=True``)
-      or probabilities, channels last. Any float dtype; sums are float32.
-    labels: integer class map ``[batch, *spatial]`` with values in
-      ``[0, classes)``, or one-hot / soft labels ``[batch, *spatial, classes]``
-      with values in ``[0, 1]``. With ``activation="sigmoid"`` labels must be
-      ``[batch, *spatial, classes]``, except that a single sigmoid channel
-      also accepts a binary map ``[batch, *spatial]``.
-    from_logits: apply ``activation`` to ``predictions`` first.
-    activation: ``"softmax"`` (mutually exclusive classes, class 0 is the
-      background) or ``"sigmoid"`` (independent, possibly overlapping regions,
-      all channels foreground).
-    include_background: keep softmax class 0 in the output. The default drops
-      it, which for a 2-class network is exactly the paper's loss (computed on
-      the lesion class). Ignored for sigmoid.
-    mask: optional bool ``[batch, *spatial]``; voxels where it is False are
-      dropped from every sum.
-    ignore_index: optional label value (outside ``[0, classes)``, e.g. -1 or
-      255) marking voxels to drop; needs an integer class map.
-    soft_label: use the L1 form ``TP = sum min(p, g)``,
-      ``FP = sum max(p - g, 0)``, ``FN = sum max(g - p, 0)``. It equals the
-      product form on hard labels and, unlike it, gives FP = FN = 0 (a perfect
-      score) when a soft target equals the prediction.
-    pool_batch: sum the statistics over the batch (batch Tversky / Dice):
-      every case contributes voxels to one shared ratio.
-    axis_name: with ``pool_batch=True``, also ``psum`` the statistics over this
-      named axis of ``jax.pmap`` / ``jax.shard_map``, so the pooled ratio is
-      the one of the global batch on every device. Per-case statistics
-      (``pool_batch=False``) are local and not summed.
-
-  Returns:
-    ``(tp, fp, fn)``, each ``[batch, classes']`` (``[1, classes']`` when
-    pooled) where ``classes'`` is ``classes`` without the dropped background.
-
-  Raises:
-    ValueError: for mismatched shapes, labels out of range (when concrete),
-      an unknown activation or an ``ignore_index`` that is a class index.
-  """
-  fn = "confusion_stats"
-  predictions, targets, weight = _prepare(
-      predictions, labels, from_logits=from_logits, activation=activation,
-      mask=mask, ignore_index=ignore_index, fn=fn)
+def _stats(inputs: _Inputs, *, from_logits: bool, activation: str,
+           classes: Sequence[int], soft_label: bool, squared_pred: bool,
+           pool_batch: bool, axis_name: Any) -> tuple[Array, Array, Array]:
+  """``(tp, fp, fn)``, each ``[batch, len(classes)]`` (``[1, ...]`` pooled)."""
+  predictions, targets, weight = inputs
   probs = _probabilities(predictions, from_logits, activation)
   spatial_axes = tuple(range(1, predictions.ndim - 1))
 
@@ -381,9 +398,15 @@ def confusion_stats(
     return jnp.sum(x if weight is None else x * weight, axis=spatial_axes)
 
   tp, fp, fn_ = [], [], []
-  for c in _kept_classes(predictions.shape[-1], activation, include_background):
+  for c in classes:
     p, g = probs[c], targets[c]
-    if soft_label:
+    if squared_pred:
+      # MONAI's squared form: FP = sum p^2 - TP, FN = sum g^2 - TP.
+      pg = p * g
+      tp.append(total(pg))
+      fp.append(total(p * p - pg))
+      fn_.append(total(g * g - pg))
+    elif soft_label:
       tp.append(total(jnp.minimum(p, g)))
       fp.append(total(jnp.maximum(p - g, 0.0)))
       fn_.append(total(jnp.maximum(g - p, 0.0)))
@@ -400,6 +423,106 @@ def confusion_stats(
   return stats
 
 
+def _index(tp, fp, fn, alpha, beta, nr, dr) -> Array:
+  return (tp + nr) / (tp + alpha * fp + beta * fn + dr)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def confusion_stats(
+    predictions: ArrayLike,
+    labels: ArrayLike,
+    *,
+    from_logits: bool = True,
+    activation: str = "softmax",
+    include_background: bool | None = None,
+    mask: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    soft_label: bool = False,
+    squared_pred: bool = False,
+    pool_batch: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Array, Array]:
+  """Soft true positives, false positives and false negatives per class.
+
+  Implements the sums of Eq. 3 of Salehi et al. (2017), for every class ``c``
+  and over all voxels ``i`` of a case::
+
+    TP_c = sum_i p_ic g_ic
+    FP_c = sum_i p_ic (1 - g_ic)
+    FN_c = sum_i (1 - p_ic) g_ic
+
+  In the Tversky index alpha weighs FP and beta weighs FN.
+
+  Args:
+    predictions: ``[batch, *spatial, classes]`` logits (``from_logits=True``)
+      or probabilities, channels last. Any float dtype; sums are float32.
+    labels: integer class map ``[batch, *spatial]`` with values in
+      ``[0, classes)``, or one-hot / soft labels ``[batch, *spatial, classes]``
+      with values in ``[0, 1]``. With ``activation="sigmoid"`` labels must be
+      ``[batch, *spatial, classes]``, except that a single sigmoid channel
+      also accepts a binary map ``[batch, *spatial]``. Class-map values that
+      are not classes raise ValueError when concrete and are dropped like
+      ``ignore_index`` under ``jax.jit``.
+    from_logits: apply ``activation`` to ``predictions`` first.
+    activation: ``"softmax"`` (mutually exclusive classes, class 0 is the
+      background) or ``"sigmoid"`` (independent, possibly overlapping regions).
+    include_background: None (default): drop softmax class 0 (for a 2-class
+      network exactly the paper's loss, on the lesion class) and keep every
+      sigmoid channel. False: drop channel 0 for either activation (MONAI's
+      ``include_background=False``). True: keep every channel. A single
+      channel is always kept (with a warning for False).
+    mask: optional bool ``[batch, *spatial]``; voxels where it is False are
+      dropped from every sum.
+    ignore_index: optional label value (outside ``[0, classes)``, e.g. -1 or
+      255) marking voxels to drop; needs an integer class map.
+    soft_label: use the L1 form ``TP = sum min(p, g)``,
+      ``FP = sum max(p - g, 0)``, ``FN = sum max(g - p, 0)``. It equals the
+      product form on hard labels and, unlike it, gives FP = FN = 0 (a perfect
+      score) when a soft target equals the prediction.
+    squared_pred: V-Net / MONAI squared form ``TP = sum p g``,
+      ``FP = sum p^2 - TP``, ``FN = sum g^2 - TP`` (MONAI's
+      ``DiceLoss(squared_pred=True)`` definition). FP and FN may then be
+      negative per class, but ``2TP + FP + FN = sum p^2 + sum g^2 >= 0``.
+      It also scores a soft target equal to the prediction as perfect, so
+      ``soft_label`` has no effect with it (as in MONAI).
+    pool_batch: sum the statistics over the batch (batch Tversky / Dice):
+      every case contributes voxels to one shared ratio.
+    axis_name: with ``pool_batch=True``, also ``psum`` the statistics over this
+      named axis of ``jax.pmap`` / ``jax.shard_map``, so the pooled ratio is
+      the one of the global batch on every device. Per-case statistics
+      (``pool_batch=False``) are local and not summed.
+
+  Returns:
+    ``(tp, fp, fn)``, each ``[batch, classes']`` (``[1, classes']`` when
+    pooled) where ``classes'`` are the channels kept by
+    ``include_background``.
+
+  Raises:
+    ValueError: for mismatched shapes, labels out of range (when concrete),
+      an unknown activation or an ``ignore_index`` that is a class index.
+  """
+  fn = "confusion_stats"
+  _check_choice("activation", activation, ACTIVATIONS, fn)
+  for name, value in (("from_logits", from_logits), ("soft_label", soft_label),
+                      ("squared_pred", squared_pred),
+                      ("pool_batch", pool_batch)):
+    _check_bool(name, value, fn)
+  _check_bool("include_background", include_background, fn, allow_none=True)
+  inputs = _prepare(predictions, labels, from_logits=from_logits,
+                    activation=activation, mask=mask,
+                    ignore_index=ignore_index, fn=fn)
+  classes = _kept_classes(inputs.predictions.shape[-1], activation,
+                          include_background, fn)
+  return _stats(inputs, from_logits=from_logits, activation=activation,
+                classes=classes, soft_label=soft_label,
+                squared_pred=squared_pred, pool_batch=pool_batch,
+                axis_name=axis_name)
+
+
 def tversky_index(
     tp: ArrayLike,
     fp: ArrayLike,
@@ -408,47 +531,59 @@ def tversky_index(
     alpha: ArrayLike = 0.3,
     beta: ArrayLike = 0.7,
     smooth: ArrayLike = 1e-5,
+    smooth_nr: ArrayLike | None = None,
+    smooth_dr: ArrayLike | None = None,
 ) -> Array:
-  """Tversky index ``(TP + smooth) / (TP + alpha FP + beta FN + smooth)``.
+  """Tversky index ``(TP + smooth_nr) / (TP + alpha FP + beta FN + smooth_dr)``.
 
-  Eq. 3 of Salehi et al. (2017), with ``smooth`` making an empty class (no
-  ground truth, no prediction) score 1.
+  Eq. 3 of Salehi et al. (2017): **alpha weighs false positives, beta false
+  negatives**. With equal smoothing an empty class (no ground truth, no
+  prediction) scores 1.
 
   Args:
     tp, fp, fn: soft counts of any (broadcastable) shape, e.g. the
       ``[batch, classes]`` output of :func:`confusion_stats`.
     alpha: weight of false positives (>= 0). May be a traced array.
     beta: weight of false negatives (>= 0). May be a traced array.
-    smooth: added to numerator and denominator (>= 0; 0 gives NaN for an
-      empty class).
+    smooth: default for ``smooth_nr`` and ``smooth_dr`` (>= 0).
+    smooth_nr: added to the numerator (>= 0); None: ``smooth``.
+    smooth_dr: added to the denominator (>= 0); None: ``smooth``. With 0 an
+      empty class divides by 0 (NaN or inf).
 
   Returns:
-    The index, of the broadcast shape of the inputs, in ``[0, 1]``.
+    The index, of the broadcast shape of the inputs; in ``[0, 1]`` for the
+    Eq. 3 counts when ``smooth_nr <= smooth_dr``.
   """
-  for name, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
-    _check_nonnegative(name, value, "tversky_index")
+  fn_name = "tversky_index"
+  nr = smooth if smooth_nr is None else smooth_nr
+  dr = smooth if smooth_dr is None else smooth_dr
+  for name, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth),
+                      ("smooth_nr", nr), ("smooth_dr", dr)):
+    _check_nonnegative(name, value, fn_name)
   tp, fp, fn = (jnp.asarray(x) for x in (tp, fp, fn))
-  return (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+  return _index(tp, fp, fn, alpha, beta, nr, dr)
 
 
-def _reduce(loss: Array, class_weights: ArrayLike | None, reduction: str,
-            axis_name: Any, pooled: bool, fn: str) -> Array:
-  """Reduces a ``[batch, classes']`` loss; see :func:`tversky_loss`."""
-  _check_choice("reduction", reduction, REDUCTIONS, fn)
-  num_classes = loss.shape[-1]
+def _class_weight_vector(class_weights: ArrayLike | None, num_classes: int,
+                         dtype, fn: str) -> Array | None:
   if class_weights is None:
-    weights = jnp.ones((num_classes,), loss.dtype)
-  else:
-    weights = jnp.asarray(class_weights, loss.dtype)
-    if weights.shape != (num_classes,):
-      raise ValueError(
-          f"{fn}: `class_weights` has shape {weights.shape}, expected "
-          f"({num_classes},): one weight per class after the background is "
-          "dropped.")
-    _check_nonnegative("class_weights", class_weights, fn)
-  weighted = loss * weights
+    return None
+  weights = jnp.asarray(class_weights, dtype)
+  if weights.shape != (num_classes,):
+    raise ValueError(
+        f"{fn}: `class_weights` has shape {weights.shape}, expected "
+        f"({num_classes},): one weight per class after the background is "
+        "dropped.")
+  _check_nonnegative("class_weights", class_weights, fn)
+  return weights
+
+
+def _reduce(loss: Array, weights: Array | None, reduction: str,
+            axis_name: Any, pooled: bool) -> Array:
+  """Reduces a ``[batch, classes']`` loss; see :func:`tversky_loss`."""
+  weighted = loss if weights is None else loss * weights
   if reduction == "none":
-    return weighted
+    return weighted[0] if pooled else weighted
   total = jnp.sum(weighted)
   if reduction == "sum":
     if axis_name is not None and not pooled:
@@ -459,116 +594,9 @@ def _reduce(loss: Array, class_weights: ArrayLike | None, reduction: str,
     # The mean over the global batch, taken inside the loss: under shard_map
     # the gradient of replicated parameters is then exact without a pmean.
     total, count = jax.lax.psum((total, count), axis_name)
-  return total / (count * jnp.sum(weights))
-
-
-def tversky_loss(
-    predictions: ArrayLike,
-    labels: ArrayLike,
-    *,
-    alpha: ArrayLike = 0.3,
-    beta: ArrayLike = 0.7,
-    smooth: ArrayLike = 1e-5,
-    class_weights: ArrayLike | None = None,
-    reduction: str = "mean",
-    **confusion_options: Any,
-) -> Array:
-  """Tversky loss ``1 - TI`` of Salehi et al. (2017), arXiv:1706.05721.
-
-  ``TI = (TP + smooth) / (TP + alpha FP + beta FN + smooth)`` per case and
-  class, from the soft counts of :func:`confusion_stats`. **alpha weighs false
-  positives, beta weighs false negatives**; raising beta trades precision for
-  recall. The paper's best setting on MS lesions is alpha = 0.3, beta = 0.7
-  (the default); alpha = beta = 0.5 is the Dice loss.
-
-  Args:
-    predictions: ``[batch, *spatial, classes]`` logits or probabilities,
-      channels last.
-    labels: class map ``[batch, *spatial]`` or one-hot / soft labels
-      ``[batch, *spatial, classes]``.
-    alpha: false-positive weight (>= 0); may be traced (vmap, schedules).
-    beta: false-negative weight (>= 0); may be traced.
-    smooth: added to numerator and denominator: an empty class has loss 0.
-    class_weights: optional ``[classes']`` non-negative weights, one per class
-      kept by ``include_background``.
-    reduction: ``"mean"`` (weighted mean over cases and classes:
-      ``sum w_c L_bc / (batch * sum w_c)``), ``"sum"`` (``sum w_c L_bc``) or
-      ``"none"`` (``[batch, classes']``, weights applied).
-    **confusion_options: ``from_logits``, ``activation``,
-      ``include_background``, ``mask``, ``ignore_index``, ``soft_label``,
-      ``pool_batch``, ``axis_name``; see :func:`confusion_stats`. With
-      ``axis_name`` and per-case statistics, "mean" and "sum" run over the
-      global batch of all devices.
-
-  Returns:
-    A scalar, or ``[batch, classes']`` for ``reduction="none"``.
-  """
-  return _tversky_family(predictions, labels, alpha=alpha, beta=beta,
-                         smooth=smooth, gamma=None, class_weights=class_weights,
-                         reduction=reduction, fn="tversky_loss",
-                         **confusion_options)
-
-
-def dice_loss(predictions: ArrayLike, labels: ArrayLike, *,
-              smooth: ArrayLike = 1e-5, class_weights: ArrayLike | None = None,
-              reduction: str = "mean", **confusion_options: Any) -> Array:
-  """Soft Dice loss ``1 - (2TP + s) / (2TP + FP + FN + s)``.
-
-  The Tversky loss with alpha = beta = 0.5 (the paper's baseline, Table 1 row
-  one); ``smooth`` here equals ``2 * smooth`` in the 2TP form. Arguments as in
-  :func:`tversky_loss`.
-  """
-  return _tversky_family(predictions, labels, alpha=0.5, beta=0.5,
-                         smooth=smooth, gamma=None, class_weights=class_weights,
-                         reduction=reduction, fn="dice_loss",
-                         **confusion_options)
-
-
-def jaccard_loss(predictions: ArrayLike, labels: ArrayLike, *,
-                 smooth: ArrayLike = 1e-5,
-                 class_weights: ArrayLike | None = None,
-                 reduction: str = "mean", **confusion_options: Any) -> Array:
-  """Soft Jaccard (IoU, Tanimoto) loss ``1 - TP / (TP + FP + FN)``.
-
-  The Tversky loss with alpha = beta = 1. Arguments as in
-  :func:`tversky_loss`.
-  """
-  return _tversky_family(predictions, labels, alpha=1.0, beta=1.0,
-                         smooth=smooth, gamma=None, class_weights=class_weights,
-                         reduction=reduction, fn="jaccard_loss",
-                         **confusion_options)
-
-
-def focal_tversky_loss(
-    predictions: ArrayLike,
-    labels: ArrayLike,
-    *,
-    alpha: ArrayLike = 0.3,
-    beta: ArrayLike = 0.7,
-    gamma: ArrayLike = 4.0 / 3.0,
-    smooth: ArrayLike = 1e-5,
-    class_weights: ArrayLike | None = None,
-    reduction: str = "mean",
-    **confusion_options: Any,
-) -> Array:
-  """Focal Tversky loss ``(1 - TI)^(1/gamma)`` per case and class.
-
-  Abraham & Khan (2019), arXiv:1810.07842, with gamma in [1, 3] and 4/3
-  recommended; gamma > 1 focuses training on hard (low-TI) cases. Careful:
-  that paper calls the false-negative weight alpha. Here, as everywhere in
-  this module, **alpha weighs false positives and beta false negatives**
-  (Salehi et al.'s convention).
-
-  ``x^(1/gamma)`` has an infinite slope at x = 0 (a perfect or empty class)
-  when gamma > 1; below ``x = 1e-6`` the power is replaced by its secant
-  through 0, so the loss is continuous, 0 at TI = 1, and its gradient finite.
-
-  Arguments as in :func:`tversky_loss`, plus ``gamma`` (> 0, may be traced).
-  """
-  return _tversky_family(predictions, labels, alpha=alpha, beta=beta,
-                         smooth=smooth, gamma=gamma, class_weights=class_weights,
-                         reduction=reduction, fn="focal_tversky_loss",
-                         **confusion_options)
+  weight_sum = (jnp.asarray(loss.shape[-1], loss.dtype) if weights is None
+                else jnp.sum(weights))
+  return total / (count * weight_sum)
 
 
 _FOCAL_LINEAR_BELOW = 1e-6
@@ -582,33 +610,260 @@ def _safe_power(x: Array, exponent: ArrayLike) -> Array:
   return jnp.where(large, x_safe ** exponent, x * eps ** (exponent - 1.0))
 
 
-def _tversky_family(predictions, labels, *, alpha, beta, smooth, gamma,
-                    class_weights, reduction, fn, **confusion_options):
-  unknown = set(confusion_options) - _CONFUSION_OPTIONS
-  if unknown:
-    raise TypeError(f"{fn}: unexpected keyword argument(s) {sorted(unknown)}; "
-                    f"options are {sorted(_CONFUSION_OPTIONS)}.")
-  _check_choice("reduction", reduction, REDUCTIONS, fn)
-  for name, value in (("alpha", alpha), ("beta", beta), ("smooth", smooth)):
-    _check_nonnegative(name, value, fn)
+def _region_loss(inputs: _Inputs, *, alpha, beta, gamma, nr, dr, from_logits,
+                 activation, classes, soft_label, squared_pred, pool_batch,
+                 axis_name) -> Array:
+  """Unreduced ``[batch, classes']`` (``[1, classes']`` pooled) loss."""
+  tp, fp, fn_ = _stats(inputs, from_logits=from_logits, activation=activation,
+                       classes=classes, soft_label=soft_label,
+                       squared_pred=squared_pred, pool_batch=pool_batch,
+                       axis_name=axis_name)
+  loss = 1.0 - _index(tp, fp, fn_, alpha, beta, nr, dr)
   if gamma is not None:
-    concrete = _concrete(gamma)
-    if concrete is not None and np.any(concrete <= 0):
-      raise ValueError(f"{fn}: `gamma` must be > 0, got {concrete.tolist()}.")
-  tp, fp, fn_ = confusion_stats(predictions, labels, **confusion_options)
-  loss = 1.0 - tversky_index(tp, fp, fn_, alpha=alpha, beta=beta, smooth=smooth)
-  # Rounding can leave 1 - TI a hair below 0 for a perfect prediction.
-  loss = jnp.maximum(loss, 0.0)
-  if gamma is not None:
-    loss = _safe_power(loss, 1.0 / gamma)
-  return _reduce(loss, class_weights, reduction,
-                 confusion_options.get("axis_name"),
-                 confusion_options.get("pool_batch", False), fn)
+    # The power needs loss >= 0 (the squared form can give TI > 1).
+    return _safe_power(jnp.maximum(loss, 0.0), 1.0 / gamma)
+  if not squared_pred:
+    # Rounding can leave 1 - TI a hair below 0 for a perfect prediction. The
+    # squared form is left alone: its TI > 1 is real (see tversky_loss).
+    loss = jnp.maximum(loss, 0.0)
+  return loss
 
 
-_CONFUSION_OPTIONS = frozenset({
-    "from_logits", "activation", "include_background", "mask", "ignore_index",
-    "soft_label", "pool_batch", "axis_name"})
+def _region_family(predictions, labels, *, fn, alpha, beta, gamma, smooth,
+                   smooth_nr, smooth_dr, squared_pred, class_weights,
+                   reduction, from_logits, activation, include_background,
+                   mask, ignore_index, soft_label, pool_batch,
+                   axis_name) -> Array:
+  nr, dr = _check_options(
+      fn, alpha=alpha, beta=beta, gamma=gamma, smooth=smooth,
+      smooth_nr=smooth_nr, smooth_dr=smooth_dr, reduction=reduction,
+      reductions=REDUCTIONS, from_logits=from_logits, activation=activation,
+      include_background=include_background, soft_label=soft_label,
+      squared_pred=squared_pred, pool_batch=pool_batch)
+  inputs = _prepare(predictions, labels, from_logits=from_logits,
+                    activation=activation, mask=mask,
+                    ignore_index=ignore_index, fn=fn)
+  classes = _kept_classes(inputs.predictions.shape[-1], activation,
+                          include_background, fn)
+  loss = _region_loss(inputs, alpha=alpha, beta=beta, gamma=gamma, nr=nr,
+                      dr=dr, from_logits=from_logits, activation=activation,
+                      classes=classes, soft_label=soft_label,
+                      squared_pred=squared_pred, pool_batch=pool_batch,
+                      axis_name=axis_name)
+  weights = _class_weight_vector(class_weights, len(classes), loss.dtype, fn)
+  return _reduce(loss, weights, reduction, axis_name, pool_batch)
+
+
+def tversky_loss(
+    predictions: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: ArrayLike = 0.3,
+    beta: ArrayLike = 0.7,
+    smooth: ArrayLike = 1e-5,
+    smooth_nr: ArrayLike | None = None,
+    smooth_dr: ArrayLike | None = None,
+    squared_pred: bool = False,
+    class_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    from_logits: bool = True,
+    activation: str = "softmax",
+    include_background: bool | None = None,
+    mask: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    soft_label: bool = False,
+    pool_batch: bool = False,
+    axis_name: Any = None,
+) -> Array:
+  """Tversky loss ``1 - TI`` of Salehi et al. (2017), arXiv:1706.05721.
+
+  ``TI = (TP + smooth_nr) / (TP + alpha FP + beta FN + smooth_dr)`` per case
+  and class, from the soft counts of :func:`confusion_stats`. **alpha weighs
+  false positives, beta weighs false negatives**; raising beta trades
+  precision for recall. The paper's best setting on MS lesions is
+  alpha = 0.3, beta = 0.7 (the default); alpha = beta = 0.5 is the Dice loss.
+
+  Args:
+    predictions: ``[batch, *spatial, classes]`` logits or probabilities,
+      channels last.
+    labels: class map ``[batch, *spatial]`` or one-hot / soft labels
+      ``[batch, *spatial, classes]``; see :func:`confusion_stats`.
+    alpha: false-positive weight (>= 0); may be traced (vmap, schedules).
+    beta: false-negative weight (>= 0); may be traced.
+    smooth: default of ``smooth_nr`` and ``smooth_dr`` (>= 0): alone, it is
+      added to numerator and denominator and an empty class has loss 0.
+    smooth_nr: numerator smoothing (>= 0); None: ``smooth``. Overrides
+      ``smooth`` for the numerator only. ``smooth_nr=0`` gives an empty class
+      loss 1.
+    smooth_dr: denominator smoothing (>= 0); None: ``smooth``. Overrides
+      ``smooth`` for the denominator only; keep it > 0 for a finite gradient.
+    squared_pred: use the squared sums of V-Net / MONAI (see
+      :func:`confusion_stats`): ``TI = (TP + nr) / ((1 - alpha - beta) TP +
+      alpha sum p^2 + beta sum g^2 + dr)``. For alpha = beta >= 0.5 (Dice,
+      Jaccard) TI stays <= 1; otherwise (e.g. alpha = 0.9, beta = 0.1) the
+      squared form can exceed 1 and this loss can be negative. It is not
+      clipped (clipping would zero the gradient); the focal loss clips at 0.
+    class_weights: optional ``[classes']`` non-negative weights, one per class
+      kept by ``include_background``.
+    reduction: ``"mean"``: the weighted mean over cases and classes,
+      ``sum_bc w_c L_bc / (batch * sum_c w_c)`` (so weights [1, 1] and [2, 2]
+      give the same value; MONAI and optax instead average ``w_c L_bc`` over
+      the ``batch * classes'`` entries). ``"sum"``: ``sum_bc w_c L_bc``.
+      ``"none"``: ``w_c L_bc`` per case and class, ``[batch, classes']``, or
+      ``[classes']`` with ``pool_batch``.
+    from_logits, activation, include_background, mask, ignore_index,
+      soft_label, pool_batch, axis_name: see :func:`confusion_stats`. With
+      ``axis_name`` and per-case statistics, "mean" and "sum" run over the
+      global batch of all devices.
+
+  Returns:
+    A scalar; ``[batch, classes']`` or ``[classes']`` for
+    ``reduction="none"``.
+
+  Raises:
+    ValueError: for a bad argument (negative alpha, beta or smoothing when
+      concrete, unknown reduction or activation, class weights of the wrong
+      shape) or bad inputs (see :func:`confusion_stats`).
+  """
+  return _region_family(
+      predictions, labels, fn="tversky_loss", alpha=alpha, beta=beta,
+      gamma=None, smooth=smooth, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+      squared_pred=squared_pred, class_weights=class_weights,
+      reduction=reduction, from_logits=from_logits, activation=activation,
+      include_background=include_background, mask=mask,
+      ignore_index=ignore_index, soft_label=soft_label, pool_batch=pool_batch,
+      axis_name=axis_name)
+
+
+def dice_loss(
+    predictions: ArrayLike,
+    labels: ArrayLike,
+    *,
+    smooth: ArrayLike = 1e-5,
+    smooth_nr: ArrayLike | None = None,
+    smooth_dr: ArrayLike | None = None,
+    squared_pred: bool = False,
+    class_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    from_logits: bool = True,
+    activation: str = "softmax",
+    include_background: bool | None = None,
+    mask: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    soft_label: bool = False,
+    pool_batch: bool = False,
+    axis_name: Any = None,
+) -> Array:
+  """Soft Dice loss ``1 - (2TP + 2 s_nr) / (2TP + FP + FN + 2 s_dr)``.
+
+  The Tversky loss with alpha (false positives) = beta (false negatives) =
+  0.5, the paper's baseline (Table 1 row one). In the 2TP form the smoothing
+  terms are doubled: MONAI's ``DiceLoss(smooth_nr=a, smooth_dr=b)`` is
+  ``smooth_nr=a/2, smooth_dr=b/2`` here. With ``squared_pred`` the
+  denominator is ``sum p^2 + sum g^2`` (V-Net). Arguments as in
+  :func:`tversky_loss`.
+
+  Returns:
+    A scalar; ``[batch, classes']`` or ``[classes']`` for
+    ``reduction="none"``.
+  """
+  return _region_family(
+      predictions, labels, fn="dice_loss", alpha=0.5, beta=0.5, gamma=None,
+      smooth=smooth, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+      squared_pred=squared_pred, class_weights=class_weights,
+      reduction=reduction, from_logits=from_logits, activation=activation,
+      include_background=include_background, mask=mask,
+      ignore_index=ignore_index, soft_label=soft_label, pool_batch=pool_batch,
+      axis_name=axis_name)
+
+
+def jaccard_loss(
+    predictions: ArrayLike,
+    labels: ArrayLike,
+    *,
+    smooth: ArrayLike = 1e-5,
+    smooth_nr: ArrayLike | None = None,
+    smooth_dr: ArrayLike | None = None,
+    squared_pred: bool = False,
+    class_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    from_logits: bool = True,
+    activation: str = "softmax",
+    include_background: bool | None = None,
+    mask: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    soft_label: bool = False,
+    pool_batch: bool = False,
+    axis_name: Any = None,
+) -> Array:
+  """Soft Jaccard (IoU, Tanimoto) loss ``1 - TP / (TP + FP + FN)``.
+
+  The Tversky loss with alpha (false positives) = beta (false negatives) = 1.
+  Arguments as in :func:`tversky_loss`.
+
+  Returns:
+    A scalar; ``[batch, classes']`` or ``[classes']`` for
+    ``reduction="none"``.
+  """
+  return _region_family(
+      predictions, labels, fn="jaccard_loss", alpha=1.0, beta=1.0, gamma=None,
+      smooth=smooth, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+      squared_pred=squared_pred, class_weights=class_weights,
+      reduction=reduction, from_logits=from_logits, activation=activation,
+      include_background=include_background, mask=mask,
+      ignore_index=ignore_index, soft_label=soft_label, pool_batch=pool_batch,
+      axis_name=axis_name)
+
+
+def focal_tversky_loss(
+    predictions: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: ArrayLike = 0.3,
+    beta: ArrayLike = 0.7,
+    gamma: ArrayLike = 4.0 / 3.0,
+    smooth: ArrayLike = 1e-5,
+    smooth_nr: ArrayLike | None = None,
+    smooth_dr: ArrayLike | None = None,
+    squared_pred: bool = False,
+    class_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    from_logits: bool = True,
+    activation: str = "softmax",
+    include_background: bool | None = None,
+    mask: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    soft_label: bool = False,
+    pool_batch: bool = False,
+    axis_name: Any = None,
+) -> Array:
+  """Focal Tversky loss ``(1 - TI)^(1/gamma)`` per case and class.
+
+  Abraham & Khan (2019), arXiv:1810.07842, with gamma in [1, 3] and 4/3
+  recommended; gamma > 1 focuses training on hard (low-TI) cases. Careful:
+  that paper calls the false-negative weight alpha. Here, as everywhere in
+  this module, **alpha weighs false positives and beta false negatives**
+  (Salehi et al.'s convention).
+
+  ``x^(1/gamma)`` has an infinite slope at x = 0 (a perfect or empty class)
+  when gamma > 1; below ``x = 1e-6`` the power is replaced by its secant
+  through 0, so the loss is continuous, 0 at TI = 1, and its gradient finite.
+  ``1 - TI`` is clipped at 0 first (with ``squared_pred`` TI can exceed 1).
+
+  Arguments as in :func:`tversky_loss`, plus ``gamma`` (> 0, may be traced).
+
+  Returns:
+    A scalar; ``[batch, classes']`` or ``[classes']`` for
+    ``reduction="none"``.
+  """
+  return _region_family(
+      predictions, labels, fn="focal_tversky_loss", alpha=alpha, beta=beta,
+      gamma=gamma, smooth=smooth, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+      squared_pred=squared_pred, class_weights=class_weights,
+      reduction=reduction, from_logits=from_logits, activation=activation,
+      include_background=include_background, mask=mask,
+      ignore_index=ignore_index, soft_label=soft_label, pool_batch=pool_batch,
+      axis_name=axis_name)
 
 
 def tversky_ce_loss(
@@ -618,10 +873,20 @@ def tversky_ce_loss(
     alpha: ArrayLike = 0.3,
     beta: ArrayLike = 0.7,
     smooth: ArrayLike = 1e-5,
+    smooth_nr: ArrayLike | None = None,
+    smooth_dr: ArrayLike | None = None,
+    squared_pred: bool = False,
     class_weights: ArrayLike | None = None,
     ce_weight: ArrayLike = 1.0,
     reduction: str = "mean",
-    **confusion_options: Any,
+    from_logits: bool = True,
+    activation: str = "softmax",
+    include_background: bool | None = None,
+    mask: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    soft_label: bool = False,
+    pool_batch: bool = False,
+    axis_name: Any = None,
 ) -> Array:
   """Tversky loss plus ``ce_weight`` times the voxel-wise cross-entropy.
 
@@ -630,60 +895,67 @@ def tversky_ce_loss(
   a well-conditioned gradient early in training. **alpha weighs false
   positives, beta false negatives** in the Tversky term.
 
-  The cross-entropy uses all classes (background included) for a softmax, and
-  the mean binary cross-entropy over channels for a sigmoid; it honours
-  ``mask`` and ``ignore_index`` and is averaged over the valid voxels.
+  The cross-entropy uses all classes (background included, whatever
+  ``include_background``) for a softmax, and the mean binary cross-entropy
+  over channels for a sigmoid; it honours ``mask`` and ``ignore_index`` (and
+  drops traced labels that are not classes) and is averaged over the valid
+  voxels.
 
   Args:
-    predictions, labels, alpha, beta, smooth, class_weights: as in
-      :func:`tversky_loss`.
+    predictions, labels, alpha, beta, smooth, smooth_nr, smooth_dr,
+      squared_pred, class_weights: as in :func:`tversky_loss`.
     ce_weight: weight of the cross-entropy term (>= 0; may be traced).
     reduction: ``"mean"``: the Tversky mean plus the cross-entropy averaged
       over all valid voxels of the batch (of all devices with ``axis_name``);
       ``"none"``: ``[batch]``, per case the class-weighted mean Tversky loss
       plus that case's mean cross-entropy (not with ``pool_batch``).
-    **confusion_options: as in :func:`confusion_stats`.
+    from_logits, activation, include_background, mask, ignore_index,
+      soft_label, pool_batch, axis_name: as in :func:`confusion_stats`.
 
   Returns:
     A scalar, or ``[batch]`` for ``reduction="none"``.
   """
   fn = "tversky_ce_loss"
-  _check_choice("reduction", reduction, ("mean", "none"), fn)
+  nr, dr = _check_options(
+      fn, alpha=alpha, beta=beta, gamma=None, smooth=smooth,
+      smooth_nr=smooth_nr, smooth_dr=smooth_dr, reduction=reduction,
+      reductions=("mean", "none"), from_logits=from_logits,
+      activation=activation, include_background=include_background,
+      soft_label=soft_label, squared_pred=squared_pred, pool_batch=pool_batch)
   _check_nonnegative("ce_weight", ce_weight, fn)
-  pooled = confusion_options.get("pool_batch", False)
-  if reduction == "none" and pooled:
+  if reduction == "none" and pool_batch:
     raise ValueError(f"{fn}: reduction='none' gives per-case values and "
                      "cannot be combined with pool_batch=True.")
-  region = _tversky_family(predictions, labels, alpha=alpha, beta=beta,
-                           smooth=smooth, gamma=None,
-                           class_weights=class_weights,
-                           reduction="none" if reduction == "none" else "mean",
-                           fn=fn, **confusion_options)
-  ce_sum, count = _cross_entropy_sums(
-      predictions, labels, fn=fn,
-      from_logits=confusion_options.get("from_logits", True),
-      activation=confusion_options.get("activation", "softmax"),
-      mask=confusion_options.get("mask"),
-      ignore_index=confusion_options.get("ignore_index"))
+  inputs = _prepare(predictions, labels, from_logits=from_logits,
+                    activation=activation, mask=mask,
+                    ignore_index=ignore_index, fn=fn)
+  classes = _kept_classes(inputs.predictions.shape[-1], activation,
+                          include_background, fn)
+  region = _region_loss(inputs, alpha=alpha, beta=beta, gamma=None, nr=nr,
+                        dr=dr, from_logits=from_logits, activation=activation,
+                        classes=classes, soft_label=soft_label,
+                        squared_pred=squared_pred, pool_batch=pool_batch,
+                        axis_name=axis_name)
+  weights = _class_weight_vector(class_weights, len(classes), region.dtype, fn)
+  ce_sum, count = _cross_entropy_sums(inputs, from_logits=from_logits,
+                                      activation=activation)
   if reduction == "none":
-    weights = (jnp.ones((region.shape[-1],), region.dtype)
-               if class_weights is None else jnp.asarray(class_weights,
-                                                         region.dtype))
-    per_case = jnp.sum(region, axis=-1) / jnp.sum(weights)
+    per_case = _reduce(region, weights, "none", None, False)
+    weight_sum = (jnp.asarray(len(classes), region.dtype) if weights is None
+                  else jnp.sum(weights))
+    per_case = jnp.sum(per_case, axis=-1) / weight_sum
     return per_case + ce_weight * ce_sum / jnp.maximum(count, 1.0)
+  region = _reduce(region, weights, "mean", axis_name, pool_batch)
   ce_sum, count = jnp.sum(ce_sum), jnp.sum(count)
-  axis_name = confusion_options.get("axis_name")
   if axis_name is not None:
     ce_sum, count = jax.lax.psum((ce_sum, count), axis_name)
   return region + ce_weight * ce_sum / jnp.maximum(count, 1.0)
 
 
-def _cross_entropy_sums(predictions, labels, *, from_logits, activation, mask,
-                        ignore_index, fn) -> tuple[Array, Array]:
+def _cross_entropy_sums(inputs: _Inputs, *, from_logits: bool,
+                        activation: str) -> tuple[Array, Array]:
   """Per case ``(sum of voxel cross-entropies, number of valid voxels)``."""
-  predictions, targets, weight = _prepare(
-      predictions, labels, from_logits=from_logits, activation=activation,
-      mask=mask, ignore_index=ignore_index, fn=fn)
+  predictions, targets, weight = inputs
   log_p, log_not_p = _log_probabilities(predictions, from_logits, activation)
   if activation == "sigmoid":
     terms = [g * lp + (1.0 - g) * lq

@@ -579,8 +579,9 @@ def predict_cases(predictor: Predictor,
 
   Each output has the shape, affine and qform/sform codes of the case's
   first channel file (its display range ``cal_min/cal_max`` is reset).
-  A case that fails (missing or unreadable file, wrong grid) is reported on
-  stderr and skipped; the others are still written.
+  A case that fails (missing or unreadable file, wrong grid, device out of
+  memory, a failed write) is reported on stderr, anything it half wrote is
+  removed, and the others are still written. Ctrl-C stops at once.
 
   Args:
     predictor: from :func:`load_predictor`.
@@ -617,7 +618,13 @@ def predict_cases(predictor: Predictor,
       report.masks[case_id] = nifti.write_nifti(
           mask_path, predictor.predict_mask(prob), affine, header,
           dtype=np.uint8)
-    except (ValueError, OSError) as error:  # DatasetError is a ValueError
+    except Exception as error:  # pylint: disable=broad-except
+      # Unreadable files, a wrong grid, device out of memory, a full disk:
+      # report the case, drop what it half wrote, go on with the others.
+      for written in (report.masks, report.probabilities):
+        path = written.pop(case_id, None)
+        if path is not None:
+          path.unlink(missing_ok=True)
       report.failed[case_id] = _one_line(error)
       _log(f"error: case {case_id}: {report.failed[case_id]}")
   bar.close()

@@ -324,7 +324,7 @@ def evaluate_cases(cases: Sequence[pipeline.TrainingCase], logits_fn: Callable,
   per_case, probs, labels = [], [], []
   for case in cases:
     prob = lesion_probability(case.image, logits_fn, config, window, devices)
-    label = case.label.astype(np.int32)
+    label = (case.label != 0).astype(np.int32)  # lesion vs. the rest
     values = metrics_lib.all_metrics(prob[None], label[None],
                                      threshold=threshold)
     per_case.append({k: float(v[0]) for k, v in values.items()})
@@ -454,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   devices = list(jax.devices() if devices is None else devices)
   validate_config(config, num_devices=len(devices))
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   is_lead = jax.process_index() == 0
   dataset, train_ids, val_ids = prepare_dataset(config)
 
@@ -601,6 +601,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _log(f"Best validation {config.train.best_metric} at step {best_step}: "
          + _format_metrics(best_metrics))
   return summary
+
+
+def _make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(f"--workdir={workdir}: cannot create it "
+                      f"({error.strerror or error})") from None
 
 
 def _check_finite(step_metrics, step: int, manager) -> float:

@@ -62,6 +62,7 @@ import ml_collections
 import numpy as np
 
 from tversky_jax import checkpoint as checkpoint_lib
+from tversky_jax import cli as cli_lib
 from tversky_jax import evaluate
 from tversky_jax import predict
 from tversky_jax import train_lib
@@ -724,9 +725,12 @@ def cli(argv: Sequence[str] | None = None) -> None:
   from absl import logging
   from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top
-  config_flag = config_flags.DEFINE_config_file(
-      "config", "configs/sweep.py", "Sweep configuration file.",
-      lock_config=True)
+  try:  # the default file is read (and overridden) right here
+    config_flag = config_flags.DEFINE_config_file(
+        "config", "configs/sweep.py", "Sweep configuration file.",
+        lock_config=True)
+  except Exception as error:  # pylint: disable=broad-except
+    sys.exit(f"error: {cli_lib.flag_error_message(error, sys.argv)}")
   workdir_flag = flags.DEFINE_string(
       "workdir", "runs/sweep", "Folder of the sweep's runs and report.")
   report_only_flag = flags.DEFINE_bool(
@@ -738,7 +742,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
       raise app.UsageError(f"Unexpected arguments: {args[1:]}")
     # orbax logs every checkpoint at INFO level.
     logging.set_verbosity(logging.ERROR)
-    config = config_flag.value
+    config = cli_lib.load_config(config_flag,
+                                 flags.FLAGS["config"].config_filename)
     workdir = workdir_flag.value
     enable_compilation_cache(config.sweep.compilation_cache, workdir)
     start = time.perf_counter()
@@ -760,7 +765,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     if report["missing"]:
       sys.exit(1)
 
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=cli_lib.parse_flags)
 
 
 if __name__ == "__main__":

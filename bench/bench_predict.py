@@ -30,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tversky_jax import train_state  # pylint: disable=g-import-not-at-top
 from tversky_jax import inference  # pylint: disable=g-import-not-at-top
 from tversky_jax import parallel  # pylint: disable=g-import-not-at-top
 from tversky_jax import predict  # pylint: disable=g-import-not-at-top
-from tversky_jax import train_lib  # pylint: disable=g-import-not-at-top
 from tversky_jax.data import nifti  # pylint: disable=g-import-not-at-top
 
 
@@ -76,7 +76,7 @@ def main():
       config.model[key] = value
   devices = jax.local_devices()
   start = time.perf_counter()
-  graphdef, state = train_lib.create_train_state(
+  graphdef, state = train_state.create_train_state(
       config, 3, parallel.make_mesh(devices))
   init_s = time.perf_counter() - start
 

@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, ".")
 from configs import demo as demo_config  # noqa: E402
 from configs import paper as paper_config  # noqa: E402
+from tversky_jax import train_state  # noqa: E402
 from tversky_jax import parallel  # noqa: E402
-from tversky_jax import train_lib  # noqa: E402
 
 
 def peak_memory_mb() -> tuple[float, str]:
@@ -39,8 +39,8 @@ def bench(name, config, shape, batch, dtype, conv_impl, repeats):
   config.model.conv_impl = conv_impl
   config.train.batch_size = batch
   mesh = parallel.make_mesh()
-  graphdef, state = train_lib.create_train_state(config, 3, mesh)
-  step = train_lib.make_train_step(graphdef, train_lib.make_loss_fn(config),
+  graphdef, state = train_state.create_train_state(config, 3, mesh)
+  step = train_state.make_train_step(graphdef, train_state.make_loss_fn(config),
                                    mesh)
   rng = np.random.default_rng(0)
   local = {"image": rng.normal(size=(batch, *shape, 3)).astype(np.float32),

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 
 from configs import default
+from tversky_jax import train_state
 from tversky_jax import checkpoint
 from tversky_jax import parallel
-from tversky_jax import train_lib
 
 
 def tiny_config(dataset_root, **overrides):
@@ -46,7 +46,7 @@ def tiny_train_flags(dataset_root, workdir, **overrides):
 def saved_params(workdir, config, step=None):
   """(step, flat list of arrays) of the train state saved in ``workdir``."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  _, state = train_lib.create_train_state(config, 3, mesh)
+  _, state = train_state.create_train_state(config, 3, mesh)
   manager = checkpoint.CheckpointManager(
       os.path.join(workdir, "checkpoints"), async_save=False)
   restored = manager.restore(

@@ -6,7 +6,6 @@ subprocess (several at once: starting JAX dominates); the other commands are
 called through their ``main(argv)``, which is what their console scripts run.
 """
 
-import json
 import os
 import shutil
 import subprocess

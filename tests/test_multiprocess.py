@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import portpicker
-import pytest
 
 from tests.helpers import saved_params, tiny_config, tiny_train_flags
 from tversky_jax import train_lib

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from tversky_jax import train_state
 from tversky_jax import checkpoint
 from tversky_jax import evaluate
 from tversky_jax import parallel
@@ -131,7 +132,7 @@ def test_one_window_equals_the_direct_forward_pass(run):
   # The restored parameters are those train_lib restores (the predictor
   # restores onto an abstract state; here a concretely initialised one).
   mesh = parallel.make_mesh(jax.devices())
-  graphdef, state = train_lib.create_train_state(run.config, 3, mesh)
+  graphdef, state = train_state.create_train_state(run.config, 3, mesh)
   manager = checkpoint.CheckpointManager(run.workdir / "checkpoints",
                                          async_save=False)
   restored = manager.restore(
@@ -139,7 +140,7 @@ def test_one_window_equals_the_direct_forward_pass(run):
                                                   sharding=x.sharding), state),
       step=2)
   manager.close()
-  reference = train_lib.make_logits_fn(graphdef)(restored.state, image[None])
+  reference = train_state.make_logits_fn(graphdef)(restored.state, image[None])
   np.testing.assert_allclose(np.asarray(reference)[0], logits, rtol=1e-5,
                              atol=1e-6)
 

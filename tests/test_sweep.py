@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import sweep as sweep_config
+from tversky_jax import configuration
 from tversky_jax import predict
 from tversky_jax import train_lib
 from tversky_jax.experiments import sweep
@@ -89,7 +90,7 @@ def test_run_config_changes_only_the_run_keys():
   assert changed == ["data.fold", "data.num_folds",
                      "data.synthesize_if_missing", "loss.alpha", "loss.beta",
                      "seed"]
-  train_lib.validate_config(cfg, num_devices=1)
+  configuration.validate_config(cfg, num_devices=1)
 
 
 def test_runs_of_the_default_config():

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import saved_params, tiny_config
+from tversky_jax import training_data
+from tversky_jax import train_state
+from tversky_jax import configuration
 from tversky_jax import checkpoint
 from tversky_jax import parallel
 from tversky_jax import train_lib
@@ -39,7 +42,7 @@ def test_data_parallel_run_equals_single_device(tiny_dataset, straight_run,
   _, params_one = saved_params(str(tmp_path), config)
   assert_same_params(params_one, params_four, rtol=1e-4, atol=1e-6)
   # Training moved the parameters away from their initial values.
-  _, init = train_lib.create_train_state(config, 3,
+  _, init = train_state.create_train_state(config, 3,
                                          parallel.make_mesh(jax.devices()[:1]))
   assert any(not np.allclose(a, np.asarray(b))
              for a, b in zip(params_one, jax.tree.leaves(init)))
@@ -92,7 +95,7 @@ def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
   assert summary.best_step in (2, 4)
   # The best checkpoint is the one whose metric is the highest.
   val = {r["step"]: r["val/f2"] for r in records if "val/f2" in r}
-  for name in train_lib.METRICS:
+  for name in configuration.METRICS:
     assert name in summary.final_metrics
     assert f"pooled_{name}" in summary.final_metrics
   assert 0.0 <= summary.final_metrics["specificity"] <= 1.0
@@ -114,9 +117,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
   config = tiny_config(tiny_dataset, **{"train.num_steps": 2})
   train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   config.train.num_steps = 6
-  original = train_lib.make_loss_fn
+  original = train_state.make_loss_fn
   monkeypatch.setattr(
-      train_lib, "make_loss_fn",
+      train_state, "make_loss_fn",
       lambda cfg: (lambda logits, labels: original(cfg)(logits, labels)
                    * np.float32(np.nan)))
   with pytest.raises(train_lib.TrainingDiverged,
@@ -155,7 +158,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_every_loss_trains(tiny_dataset, tmp_path):
-  for name in train_lib.LOSSES:
+  for name in configuration.LOSSES:
     config = tiny_config(tiny_dataset, **{"loss.name": name,
                                           "train.num_steps": 1,
                                           "model.dtype": "bfloat16"})
@@ -189,8 +192,8 @@ def test_cross_validation_folds_partition_the_cases(tiny_dataset):
     config = tiny_config(tiny_dataset, **{"data.num_folds": 3,
                                           "data.fold": fold,
                                           "data.num_val_cases": 1})
-    test = train_lib.held_out_cases(cases, config)
-    train, val = train_lib.split_cases(cases, config)
+    test = training_data.held_out_cases(cases, config)
+    train, val = training_data.split_cases(cases, config)
     # Validation (which picks the checkpoint) comes from the training fold:
     # the held-out fold is never seen during training.
     assert sorted(train + val + test) == cases
@@ -199,16 +202,16 @@ def test_cross_validation_folds_partition_the_cases(tiny_dataset):
   assert sorted(held_out) == cases
   config = tiny_config(tiny_dataset, **{"data.num_folds": 3, "data.fold": 3})
   with pytest.raises(train_lib.ConfigError, match="config.data.fold=3"):
-    train_lib.validate_config(config)
+    configuration.validate_config(config)
   config = tiny_config(tiny_dataset, **{"data.num_folds": 9})
   with pytest.raises(train_lib.ConfigError, match="only 7 training cases"):
-    train_lib.split_cases(cases, config)
+    training_data.split_cases(cases, config)
   config = tiny_config(tiny_dataset, **{"data.num_folds": 2,
                                         "data.num_val_cases": 3})
   with pytest.raises(train_lib.ConfigError,
                      match="num_val_cases=3: only 3 cases of the training "
                            "fold"):
-    train_lib.split_cases(cases, config)
+    training_data.split_cases(cases, config)
 
 
 def test_training_without_validation(tiny_dataset, tmp_path):

@@ -8,7 +8,7 @@ Command line::
 Each workdir's ``metrics.jsonl`` holds one JSON object per logged step, e.g.
 ``{"step": 10, "train/loss": 0.8, "train/learning_rate": 1e-4}`` and
 ``{"step": 100, "val/dsc": 0.5, "val/pooled_dsc": 0.6, ...}`` (as
-:class:`tversky_jax.train_lib.MetricWriter` writes them). The figure has a
+:class:`tversky_jax.metric_writer.MetricWriter` writes them). The figure has a
 panel for the training loss (running mean, raw values faint), one for the
 learning rate, and one per validation metric (mean over cases solid,
 ``pooled_`` dashed). Each run is one colour, labelled by its workdir name,

@@ -27,7 +27,7 @@ Conventions: images are channels-last ``[x, y, z, channels]`` in NIfTI voxel
 order (no reorientation), channels in the order of the training dataset's
 dataset.json (nnU-Net suffixes ``_0000``, ``_0001``, ...). Preprocessing is
 :func:`tversky_jax.data.nifti.normalize_image`, the function training uses;
-inference is :func:`tversky_jax.train_lib.lesion_probability` (Gaussian-
+inference is :func:`tversky_jax.validation.lesion_probability` (Gaussian-
 blended sliding windows, batches sharded over all local devices, the
 full-resolution accumulators on the host).
 
@@ -54,9 +54,10 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from tversky_jax import validation
+from tversky_jax import train_state
 from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import parallel
-from tversky_jax import train_lib
 from tversky_jax.data import nifti
 from tversky_jax.models import unet3d
 
@@ -107,7 +108,7 @@ class Predictor:
 
     Args:
       config: the model's training config.
-      graphdef: ``nnx.GraphDef`` from :func:`train_lib.create_train_state`.
+      graphdef: ``nnx.GraphDef`` from :func:`train_state.create_train_state`.
       state: the matching train state, replicated over ``devices``.
       channel_names: input channel names in order.
       step: the training step of ``state``, for reports.
@@ -129,7 +130,7 @@ class Predictor:
     self.channel_names = tuple(channel_names)
     self.devices = list(jax.local_devices() if devices is None else devices)
     self._state = state
-    self._logits = train_lib.make_logits_fn(graphdef)
+    self._logits = train_state.make_logits_fn(graphdef)
     inf = config.inference
     self.divisor = unet3d.required_divisor(config.model.depth)
     if window is None:
@@ -198,7 +199,7 @@ class Predictor:
     settings = ml_collections.ConfigDict({"inference": {
         "overlap": self.overlap, "batch_size": self.batch_size,
         "mirror": self.mirror}})
-    prob = train_lib.lesion_probability(
+    prob = validation.lesion_probability(
         image, self.logits, settings,
         self.window_for(image.shape[:3]), devices=self.devices,
         progress=progress)
@@ -321,7 +322,7 @@ def abstract_train_state(config: ml_collections.ConfigDict,
                          ) -> tuple[Any, Any]:
   """``(graphdef, state of jax.ShapeDtypeStruct)`` of the train state.
 
-  The structure is exactly :func:`train_lib.create_train_state`'s (it is
+  The structure is exactly :func:`train_state.create_train_state`'s (it is
   traced with :func:`jax.eval_shape`, so nothing is initialised or
   compiled: on CPU the eager initialisation of the U-Net costs ~25 s of XLA
   compilation), replicated over ``mesh``: the restore target of a
@@ -330,7 +331,7 @@ def abstract_train_state(config: ml_collections.ConfigDict,
   captured = {}
 
   def init():
-    graphdef, state = train_lib.create_train_state(config, in_channels, mesh)
+    graphdef, state = train_state.create_train_state(config, in_channels, mesh)
     captured["graphdef"] = graphdef
     return state
 

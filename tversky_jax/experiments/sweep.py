@@ -61,6 +61,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tversky_jax import training_data
 from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import cli as cli_lib
 from tversky_jax import evaluate
@@ -288,7 +289,7 @@ def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
         f"{run.label()} stopped at step {summary.step}; the checkpoint is "
         "saved: run the same command again to resume.")
   trained = time.perf_counter()
-  held_out = train_lib.held_out_cases(dataset.training_cases, cfg)
+  held_out = training_data.held_out_cases(dataset.training_cases, cfg)
   predictor = predict.load_predictor(run_dir, checkpoint="latest",
                                      channel_names=dataset.channel_names,
                                      devices=devices)

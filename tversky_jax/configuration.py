@@ -1,0 +1,190 @@
+"""The training config: checking it, and whether a run can continue with it.
+
+``configs/default.py`` lists every key with its default and a comment; the
+other config files change only what differs. :func:`validate_config` checks
+every value before anything is read or compiled and raises a one-line
+:class:`ConfigError` naming the key; :func:`check_resumable` refuses a config
+(or dataset) that the checkpoints of an existing run cannot follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tversky_jax.models import unet3d
+
+LOSSES = ("tversky", "dice", "focal_tversky", "tversky_ce")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+METRICS = ("dsc", "sensitivity", "specificity", "precision", "f2", "apr")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message is one line."""
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> None:
+  """Checks every value before anything is compiled or read.
+
+  Raises:
+    ConfigError: naming the first bad key, its value and what is expected.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+
+  def require(condition: bool, key: str, expected: str):
+    if not condition:
+      value = lookup(config, key)
+      raise ConfigError(f"config.{key}={value!r}: {expected}.")
+
+  divisor = unet3d.required_divisor(config.model.depth)
+  require(config.loss.name in LOSSES, "loss.name", f"expected one of {LOSSES}")
+  require(config.loss.alpha >= 0, "loss.alpha",
+          "alpha (false-positive weight) must be >= 0")
+  require(config.loss.beta >= 0, "loss.beta",
+          "beta (false-negative weight) must be >= 0")
+  require(config.loss.alpha + config.loss.beta > 0, "loss.beta",
+          "alpha + beta must be > 0")
+  require(config.loss.gamma > 0, "loss.gamma", "must be > 0")
+  require(config.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
+  require(config.loss.smooth > 0, "loss.smooth", "must be > 0")
+  require(config.optimizer.name in OPTIMIZERS, "optimizer.name",
+          f"expected one of {OPTIMIZERS}")
+  require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
+          "must be > 0")
+  require(config.optimizer.decay_steps >= 1, "optimizer.decay_steps",
+          "must be >= 1")
+  require(0 < config.optimizer.decay_rate <= 1, "optimizer.decay_rate",
+          "must be in (0, 1]")
+  require(config.optimizer.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
+          "must be >= 0 (0 disables clipping)")
+  require(config.model.dtype in DTYPES, "model.dtype",
+          f"expected one of {tuple(DTYPES)}")
+  require(config.model.normalization in unet3d.NORMALIZATIONS,
+          "model.normalization", f"expected one of {unet3d.NORMALIZATIONS}")
+  require(config.model.conv_impl in ("auto",) + unet3d.CONV_IMPLS,
+          "model.conv_impl", f"expected one of {('auto',) + unet3d.CONV_IMPLS}")
+  require(config.model.depth >= 1, "model.depth", "must be >= 1")
+  require(config.model.base_features >= 1, "model.base_features",
+          "must be >= 1")
+  require(config.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+  require(config.train.batch_size % num_devices == 0, "train.batch_size",
+          f"the global batch must be divisible by the {num_devices} devices")
+  require(config.train.batch_size % jax.process_count() == 0,
+          "train.batch_size",
+          f"must be divisible by the {jax.process_count()} processes")
+  require(config.train.num_steps >= 1, "train.num_steps", "must be >= 1")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    require(config.train[key] >= 0, f"train.{key}", "must be >= 0 (0: never)")
+  require(config.train.keep_checkpoints >= 1, "train.keep_checkpoints",
+          "must be >= 1")
+  require(config.train.best_metric in METRICS, "train.best_metric",
+          f"expected one of {METRICS}")
+  patch = tuple(config.data.patch_shape)
+  require(patch == () or (len(patch) == 3 and all(p > 0 for p in patch)),
+          "data.patch_shape", "expected () for whole volumes or 3 positive "
+          "sizes [x, y, z]")
+  require(all(p % divisor == 0 for p in patch), "data.patch_shape",
+          f"every size must be a multiple of 2**model.depth = {divisor}")
+  require(0 <= config.data.foreground_fraction <= 1,
+          "data.foreground_fraction", "must be in [0, 1]")
+  require(config.data.num_val_cases >= 0, "data.num_val_cases", "must be >= 0")
+  require(config.data.num_folds == 0 or config.data.num_folds >= 2,
+          "data.num_folds", "must be 0 (no cross-validation) or >= 2")
+  require(config.data.num_folds == 0 or
+          0 <= config.data.fold < config.data.num_folds, "data.fold",
+          f"must be in [0, data.num_folds={config.data.num_folds})")
+  require(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
+  require(config.data.prefetch_batches >= 0, "data.prefetch_batches",
+          "must be >= 0")
+  require(config.seed >= 0, "seed", "must be >= 0")
+  require(not config.data.synthesize_if_missing or
+          config.data.synthetic_cases > config.data.num_val_cases,
+          "data.synthetic_cases", "must exceed data.num_val_cases")
+  require(not config.data.synthesize_if_missing or
+          len(config.data.synthetic_shape) == 3 and
+          all(s >= 16 for s in config.data.synthetic_shape),
+          "data.synthetic_shape", "expected 3 sizes, each >= 16")
+  window = tuple(config.inference.window)
+  require(window == () or (len(window) == 3 and
+                           all(w > 0 and w % divisor == 0 for w in window)),
+          "inference.window",
+          f"expected () or 3 sizes, each a multiple of {divisor}")
+  require(0 <= config.inference.overlap < 1, "inference.overlap",
+          "must be in [0, 1)")
+  require(config.inference.batch_size >= 1, "inference.batch_size",
+          "must be >= 1")
+  require(0 <= config.inference.threshold <= 1, "inference.threshold",
+          "must be in [0, 1]")
+
+
+def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """``config`` value of a dotted key such as ``"loss.beta"``."""
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+# Keys whose change makes a checkpoint unloadable (parameter or optimizer
+# state structure) or its data position meaningless (grain's state layout).
+STRUCTURAL_KEYS = ("model.base_features", "model.depth",
+                   "model.normalization", "optimizer.name",
+                   "optimizer.grad_clip_norm", "data.worker_count")
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Raises ConfigError when ``workdir``'s run cannot continue with ``config``."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(json.dumps(config.to_dict()))
+  for key in STRUCTURAL_KEYS:
+    section, name = key.split(".")
+    before = old.get(section, {}).get(name)
+    after = new[section][name]
+    if key == "optimizer.grad_clip_norm":  # only on/off changes the state
+      before, after = bool(before), bool(after)
+    if before is not None and before != after:
+      raise ConfigError(
+          f"config.{key}={lookup(config, key)!r}: the run in {workdir} was "
+          f"trained with {key}={old[section][name]!r} and its checkpoints "
+          "cannot continue with this change; use another --workdir.")
+
+
+def check_same_channels(saved: Sequence[str] | None,
+                        channels: Sequence[str], root: str,
+                        workdir: str) -> None:
+  """Raises ConfigError when the dataset's input channels changed.
+
+  Args:
+    saved: the channel names stored with the run's latest checkpoint (None
+      for checkpoints that predate them: not checked).
+    channels: the channel names of the dataset at ``root``.
+  """
+  if saved is not None and list(saved) != list(channels):
+    raise ConfigError(
+        f"config.data.root={root}: its channels {list(channels)} differ "
+        f"from the channels {list(saved)} the run in {workdir} was trained "
+        "on; use another --workdir.")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Writes ``workdir/config.json``; True when it replaced a different one."""
+  path = os.path.join(workdir, "config.json")
+  new = config.to_dict()
+  changed = False
+  if os.path.exists(path):
+    with open(path) as f:
+      changed = json.loads(json.dumps(new)) != json.load(f)
+  with open(path, "w") as f:
+    json.dump(new, f, indent=2)
+  return changed

@@ -1,13 +1,15 @@
 """Tests for tversky_jax.data.pipeline: the grain training input pipeline."""
 
+import hashlib
 import itertools
 import json
+import pickle
 
 import grain
 import numpy as np
 import pytest
 
-from tversky_jax.data import nifti, pipeline, sampling, synthetic
+from tversky_jax.data import nifti, pipeline, planning, preprocessing, sampling, synthetic
 
 PATCH_KW = dict(patch_shape=(16, 16, 16), divisor=8, foreground_fraction=0.5,
                 random_flip=True, seed=0)
@@ -283,3 +285,204 @@ def test_batch_of_one_per_process_works():
                                          **kwargs) for p in range(2)]
   pair = [next(it)["image"] for it in shards]
   np.testing.assert_array_equal(np.concatenate(pair), np.concatenate(first[:2]))
+
+
+# ---------------------------------------------------- binary stream pinned
+
+
+def digest(batches):
+  """Short sha256 of a list of batches (dtype, shape and bytes of each array)."""
+  h = hashlib.sha256()
+  for batch in batches:
+    for key in ("image", "label"):
+      a = np.ascontiguousarray(batch[key])
+      h.update(str(a.dtype).encode())
+      h.update(str(a.shape).encode())
+      h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def binary_cases(**kwargs):
+  rng = np.random.default_rng(1234)
+  cases = []
+  for i, shape in enumerate([(20, 18, 22), (14, 24, 16), (24, 20, 12)]):
+    image = rng.normal(size=(*shape, 2)).astype(np.float32)
+    label = (rng.random(shape) < 0.01).astype(np.uint8)
+    label[2 + i, 3, 4] = 1
+    cases.append(pipeline.TrainingCase.from_arrays(f"c{i}", image, label, **kwargs))
+  return cases
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_classes": 2}, {"num_classes": 4}])
+def test_binary_batches_are_unchanged(kwargs):
+  # Digests of the batches before per-class sampling and per-axis divisors
+  # existed (numpy 2.4 Generator streams): binary data keeps its stream.
+  cases = binary_cases(**kwargs)
+  kw = dict(patch_shape=(16, 16, 8), divisor=8, foreground_fraction=0.33, random_flip=True,
+            seed=7, prefetch_batches=0)
+  assert digest(take(pipeline.make_train_iterator(cases, global_batch_size=4, **kw), 6)) == (
+      "a5432498edc7dcff")
+  kw = {**kw, "divisor": (8, 8, 8)}
+  assert digest(take(pipeline.make_train_iterator(cases, global_batch_size=4, **kw), 6)) == (
+      "a5432498edc7dcff")
+  kw = dict(patch_shape=None, divisor=8, foreground_fraction=0.33, random_flip=True, seed=3,
+            prefetch_batches=0)
+  assert digest(take(pipeline.make_train_iterator(cases, global_batch_size=3, **kw), 2)) == (
+      "6028527226ab3bdd")
+
+
+# --------------------------------------------------------- classes, labels
+
+
+def test_per_class_foreground_sampling():
+  # Class 1: the box [6, 26)^3; class 2: one voxel. Patches centred on a
+  # foreground voxel of a class drawn uniformly: the rare voxel is the centre
+  # of half of them (pooled: 1 in 8001).
+  label = np.zeros((32, 32, 32), np.uint8)
+  label[6:26, 6:26, 6:26] = 1
+  label[16, 17, 18] = 2
+  image = np.zeros((32, 32, 32, 1), np.float32)
+  kw = dict(global_batch_size=50, patch_shape=(8, 8, 8), divisor=8, foreground_fraction=1.0,
+            random_flip=False, seed=0, prefetch_batches=0)
+  case = pipeline.TrainingCase.from_arrays("a", image, label, num_classes=3)
+  assert case.num_classes == 3 and list(case.foreground) == [1, 2]
+  centres = np.concatenate([b["label"][:, 4, 4, 4] for b in
+                            take(pipeline.make_train_iterator([case], **kw), 12)])
+  assert abs(np.mean(centres == 2) - 0.5) < 0.06, np.mean(centres == 2)
+  assert np.all(centres > 0)
+  pooled = pipeline.TrainingCase.from_arrays("a", image, label)
+  centres = np.concatenate([b["label"][:, 4, 4, 4] for b in
+                            take(pipeline.make_train_iterator([pooled], **kw), 4)])
+  assert np.mean(centres == 2) < 0.02
+
+
+def test_label_values_are_checked():
+  image = np.zeros((6, 6, 6, 1), np.float32)
+  label = np.zeros((6, 6, 6), np.int16)
+  label[0, 0, 0], label[1, 1, 1] = 2, 5
+  with pytest.raises(ValueError, match=r"case 'x': label value\(s\) 2, 5 .*num_classes=2"):
+    pipeline.TrainingCase.from_arrays("x", image, label, num_classes=2)
+  assert pipeline.TrainingCase.from_arrays("x", image, label, num_classes=6).num_classes == 6
+  label[1, 1, 1] = -1  # would wrap to 255 as uint8
+  with pytest.raises(ValueError, match=r"value\(s\) -1 outside .*num_classes=3"):
+    pipeline.TrainingCase.from_arrays("x", image, label, num_classes=3)
+  with pytest.raises(ValueError, match=r"case 'x': label value\(s\) \[-1\] do not fit uint8"):
+    pipeline.TrainingCase.from_arrays("x", image, label)
+
+
+def test_load_training_cases_with_num_classes(dataset, cases):
+  per_class = pipeline.load_training_cases(dataset, dataset.training_cases[:2], progress=False,
+                                           num_classes=2)
+  for case, pooled in zip(per_class, cases):
+    assert case.num_classes == 2 and pooled.num_classes is None
+    np.testing.assert_array_equal(case.foreground[1], pooled.foreground)
+  with pytest.raises(ValueError, match="num_classes"):
+    pipeline.load_training_cases(dataset, dataset.training_cases[:1], progress=False,
+                                 num_classes=1)
+
+
+def test_cases_must_agree_on_num_classes():
+  image, label = np.zeros((16, 16, 16, 1), np.float32), np.ones((16, 16, 16), np.uint8)
+  mixed = [pipeline.TrainingCase.from_arrays("a", image, label),
+           pipeline.TrainingCase.from_arrays("b", image, label, num_classes=2)]
+  with pytest.raises(ValueError, match="same num_classes"):
+    pipeline.make_train_iterator(mixed, global_batch_size=2, **PATCH_KW)
+
+
+# ------------------------------------------------------- per-axis divisor
+
+
+def test_per_axis_divisor():
+  shapes = [(20, 18, 17), (24, 9, 20), (12, 16, 16)]
+  cases = [coded_case(f"c{i}", s, i + 1) for i, s in enumerate(shapes)]
+  assert pipeline.whole_volume_shape(cases, (8, 4, 2)) == (24, 20, 20)
+  assert pipeline.whole_volume_shape(cases, 8) == (24, 24, 24)
+  kw = dict(global_batch_size=3, foreground_fraction=0.5, random_flip=True, seed=3,
+            prefetch_batches=0)
+  batch = next(pipeline.make_train_iterator(cases, patch_shape=None, divisor=(8, 4, 2), **kw))
+  assert batch["image"].shape == (3, 24, 20, 20, 2) and batch["label"].shape == (3, 24, 20, 20)
+  batch = next(pipeline.make_train_iterator(cases, patch_shape=(16, 12, 6), divisor=(8, 4, 2),
+                                            **kw))
+  assert batch["image"].shape == (3, 16, 12, 6, 2)
+  for divisor, match in [((8, 4, 4), "multiple of divisor"), ((8, 4), "divisor"),
+                         ((8, 0, 2), "divisor"), ((8, 4.0, 2), "divisor")]:
+    with pytest.raises(ValueError, match=match):
+      pipeline.make_train_iterator(cases, patch_shape=(16, 12, 6), divisor=divisor, **kw)
+
+
+# ------------------------------------------------------ preprocessed cache
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+  """A 2-case cache (labels 0, 1, 2) of tversky_jax.data.preprocessing: (folder, ids)."""
+  from tests.test_planning import make_dataset  # pylint: disable=import-outside-toplevel
+
+  tmp = tmp_path_factory.mktemp("preprocessed")
+  root = make_dataset(tmp / "Dataset992_Pipeline", [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0)],
+                      [(14, 14, 14), (14, 14, 10)])
+  plan, _ = planning.plan_dataset(root, tmp / "out", planning.PlanOptions(memory_bytes=2**30),
+                                  progress=False)
+  summary = preprocessing.preprocess_dataset(root, plan, tmp / "out", progress=False)
+  return summary.folder, ("case00", "case01"), plan.num_classes
+
+
+def test_load_preprocessed_cases(preprocessed, capsys):
+  folder, ids, num_classes = preprocessed
+  assert num_classes == 3
+  cases = pipeline.load_preprocessed_cases(folder, ids[::-1], num_classes=num_classes)
+  assert "loading preprocessed cases" in capsys.readouterr().err
+  assert [c.case_id for c in cases] == list(ids[::-1])
+  for case in cases:
+    image, label, _ = preprocessing.load_preprocessed(folder, case.case_id)
+    assert isinstance(case.image, np.memmap) and isinstance(case.label, np.memmap)
+    np.testing.assert_array_equal(case.image, image)
+    np.testing.assert_array_equal(case.label, label)
+    assert case.num_classes == 3 and list(case.foreground) == [1, 2]
+    for k, voxels in case.foreground.items():
+      np.testing.assert_array_equal(voxels, np.argwhere(np.asarray(label) == k))
+  pooled = pipeline.load_preprocessed_cases(folder, ids[:1], progress=False)
+  assert pooled[0].num_classes is None and pooled[0].foreground.shape[1] == 3
+  with pytest.raises(ValueError, match=r"label value\(s\) 2 .*num_classes=2"):
+    pipeline.load_preprocessed_cases(folder, ids, num_classes=2, progress=False)
+  with pytest.raises(ValueError, match="not cached"):
+    pipeline.load_preprocessed_cases(folder, ["nope"], progress=False)
+  with pytest.raises(ValueError, match="case_ids is empty"):
+    pipeline.load_preprocessed_cases(folder, [], progress=False)
+
+
+def test_memory_mapped_cases_pickle_by_path(preprocessed, tmp_path):
+  folder, ids, num_classes = preprocessed
+  case = pipeline.load_preprocessed_cases(folder, ids[:1], num_classes, progress=False)[0]
+  data = pickle.dumps(case)
+  assert np.asarray(case.image).tobytes() not in data  # the image is sent by path
+  copy = pickle.loads(data)
+  assert isinstance(copy.image, np.memmap) and copy.image.filename == case.image.filename
+  np.testing.assert_array_equal(copy.image, case.image)
+  np.testing.assert_array_equal(copy.label, case.label)
+  assert copy.num_classes == 3 and copy.foreground.keys() == case.foreground.keys()
+  # In-memory arrays are pickled by value.
+  plain = pipeline.TrainingCase.from_arrays("p", np.asarray(case.image), np.asarray(case.label))
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(plain)).image, case.image)
+  # A rewritten file is not silently read.
+  path = tmp_path / "image.npy"
+  np.save(path, np.zeros((4, 4, 4, 1), np.float32))
+  moved = pipeline.TrainingCase.from_arrays("m", np.load(path, mmap_mode="r"),
+                                            np.zeros((4, 4, 4), np.uint8))
+  data = pickle.dumps(moved)
+  np.save(path, np.ones((4, 4, 4, 1), np.float32))
+  with pytest.raises(ValueError, match="changed since"):
+    pickle.loads(data)
+
+
+def test_preprocessed_cases_in_a_worker_process(preprocessed):
+  folder, ids, num_classes = preprocessed
+  cases = pipeline.load_preprocessed_cases(folder, ids, num_classes, progress=False)
+  kw = dict(global_batch_size=2, patch_shape=(8, 8, 8), divisor=(4, 4, 2),
+            foreground_fraction=0.5, random_flip=True, seed=1)
+  expected = take(pipeline.make_train_iterator(cases, **kw), 2)
+  it = pipeline.make_train_iterator(cases, **kw, worker_count=1, prefetch_batches=1)
+  try:
+    assert_batches_equal(take(it, 2), expected)
+  finally:
+    it.close()

@@ -1,5 +1,6 @@
 """Tests for tversky_jax.data.sampling: padding, patches, flips."""
 
+import hashlib
 import pickle
 
 import numpy as np
@@ -226,4 +227,166 @@ def test_random_flip_deterministic_given_seed():
 def test_functions_are_picklable():
   for fn in (sampling.pad_to_shape, sampling.pad_to_multiple, sampling.sample_patch,
              sampling.random_flip, sampling.foreground_voxels):
+    assert pickle.loads(pickle.dumps(fn)) is fn
+
+
+# ----------------------------------------------------- per-class foreground
+
+
+def digest(arrays):
+  """Short sha256 of arrays (dtype, shape and bytes), to pin a sample stream."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(str(a.dtype).encode())
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def patch_stream(max_label, **kwargs):
+  """120 patches of a random volume with labels in [0, max_label], as a digest."""
+  rng = np.random.default_rng(99)
+  image = rng.normal(size=(18, 20, 22, 2)).astype(np.float32)
+  label = ((rng.random((18, 20, 22)) < 0.02).astype(np.uint8)
+           * rng.integers(1, max_label + 1, (18, 20, 22)).astype(np.uint8))
+  if "foreground" in kwargs:
+    kwargs["foreground"] = sampling.foreground_voxels(label, kwargs.pop("foreground"))
+  r = np.random.default_rng(5)
+  out = []
+  for fraction in (0.0, 0.33, 1.0):
+    for _ in range(20):
+      out += sampling.sample_patch(image, label, (8, 12, 24), r, fraction, **kwargs)
+  return digest(out)
+
+
+def test_binary_sample_stream_is_unchanged():
+  # Digests of the stream before per-class sampling existed (numpy 2.4 Generator
+  # streams); binary labels give it pooled and per class.
+  assert patch_stream(1) == "25dc2d3f0c299119"
+  assert patch_stream(1, num_classes=2) == "25dc2d3f0c299119"
+  assert patch_stream(1, num_classes=5) == "25dc2d3f0c299119"
+  assert patch_stream(1, foreground=2) == "25dc2d3f0c299119"
+  assert patch_stream(1, foreground=None) == "25dc2d3f0c299119"
+  # Multi-class labels without num_classes keep the pooled stream.
+  assert patch_stream(2) == "a7dfb80f9bb8b18b"
+  assert patch_stream(2, num_classes=3) != "a7dfb80f9bb8b18b"
+
+
+def three_class_volume():
+  """32^3: class 1 the box [6, 26)^3 (8000 voxels), class 2 one voxel inside it."""
+  image, label = coordinate_volume((32, 32, 32))
+  label[6:26, 6:26, 6:26] = 1
+  label[16, 17, 18] = 2
+  return image, label
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.33])
+def test_per_class_sampling_centres_a_rare_class_as_often_as_a_large_one(fraction):
+  image, label = three_class_volume()
+  foreground = sampling.foreground_voxels(label, 3)
+  n = 800
+  rng = np.random.default_rng(0)
+  # No patch is clipped (centres in [6, 26), patch 8): the centre voxel is the drawn one.
+  centres = np.array([sampling.sample_patch(image, label, (8, 8, 8), rng, fraction,
+                                            foreground)[1][4, 4, 4] for _ in range(n)])
+  assert abs(np.mean(centres == 2) - fraction / 2) < 0.05, np.mean(centres == 2)
+  assert np.mean(centres == 1) > fraction / 2 - 0.05
+  # Pooled sampling finds the rare voxel 1 in 8001 times.
+  rng = np.random.default_rng(0)
+  pooled = [sampling.sample_patch(image, label, (8, 8, 8), rng, fraction)[1][4, 4, 4]
+            for _ in range(n)]
+  assert np.mean(np.array(pooled) == 2) < 0.01
+
+
+def test_per_class_num_classes_equals_precomputed_foreground():
+  image, label = three_class_volume()
+  a, b = np.random.default_rng(3), np.random.default_rng(3)
+  for _ in range(10):
+    pa = sampling.sample_patch(image, label, (8, 8, 8), a, 0.5, num_classes=3)
+    pb = sampling.sample_patch(image, label, (8, 8, 8), b, 0.5,
+                               sampling.foreground_voxels(label, 3))
+    np.testing.assert_array_equal(pa[0], pb[0])
+    np.testing.assert_array_equal(pa[1], pb[1])
+
+
+def test_foreground_voxels_per_class():
+  label = np.zeros((12, 10, 8), np.uint8)
+  label[1:4, 2:9, 3:5] = 1
+  label[7, 7, 7] = 3
+  voxels = sampling.foreground_voxels(label, 4)
+  assert list(voxels) == [1, 3]  # present classes only, in order
+  for k, v in voxels.items():
+    assert v.dtype == np.int32 and v.shape[1] == 3
+    np.testing.assert_array_equal(v, np.argwhere(label == k))
+  np.testing.assert_array_equal(sampling.foreground_voxels(label), np.argwhere(label > 0))
+  assert sampling.foreground_voxels(np.zeros((4, 4, 4), np.uint8), 2) == {}
+
+
+def test_foreground_voxels_keeps_a_fixed_random_subset_of_large_classes():
+  label = np.zeros((20, 20, 20), np.uint8)
+  label[2:18, 2:18, 2:18] = 1  # 4096 voxels
+  label[0, 0, 0] = 2
+  subset = sampling.foreground_voxels(label, 3, max_per_class=100)
+  assert len(subset[1]) == 100 and len(subset[2]) == 1
+  rows = subset[1].astype(np.int64) @ [400, 20, 1]
+  assert np.all(np.diff(rows) > 0)  # distinct, in raster order
+  assert np.all(label[tuple(subset[1].T)] == 1)
+  assert rows.max() - rows.min() > 4000  # spread over the class, not its first voxels
+  again = sampling.foreground_voxels(label.copy(), 3, max_per_class=100)
+  np.testing.assert_array_equal(subset[1], again[1])
+  assert len(sampling.foreground_voxels(label, 3, max_per_class=None)[1]) == 4096
+  with pytest.raises(ValueError, match="max_per_class"):
+    sampling.foreground_voxels(label, 3, max_per_class=0)
+
+
+def test_label_values_outside_the_classes_are_errors():
+  label = np.zeros((6, 6, 6), np.int16)
+  label[1, 1, 1], label[2, 2, 2], label[3, 3, 3] = 1, 3, 7
+  with pytest.raises(ValueError, match=r"label value\(s\) 3, 7 .*num_classes=3"):
+    sampling.foreground_voxels(label, 3)
+  label[2, 2, 2] = -1
+  with pytest.raises(ValueError, match=r"value\(s\) -1, 7 .*num_classes=3"):
+    sampling.check_label_values(label, 3)
+  image = np.zeros((6, 6, 6, 1), np.float32)
+  with pytest.raises(ValueError, match=r"value\(s\) -1, 7 .*num_classes=2"):
+    sampling.sample_patch(image, label, (4, 4, 4), np.random.default_rng(0), num_classes=2)
+  label[2, 2, 2] = 0
+  sampling.check_label_values(label, 8)
+  for bad in (1, 0, 257, True, 2.0):
+    with pytest.raises(ValueError, match="num_classes"):
+      sampling.check_label_values(label, bad)
+
+
+def test_foreground_mapping_errors():
+  image, label = coordinate_volume((8, 8, 8))
+  rng = np.random.default_rng(0)
+  with pytest.raises(ValueError, match="foreground must be"):
+    sampling.sample_patch(image, label, (4, 4, 4), rng, 0.5, {1: np.zeros((2, 2), int)})
+  # Empty classes are skipped; no class at all falls back to a random crop.
+  patch, _ = sampling.sample_patch(image, label, (4, 4, 4), rng, 1.0, {1: np.zeros((0, 3), int)})
+  assert patch.shape == (4, 4, 4, 2)
+
+
+# ---------------------------------------------------------- per-axis padding
+
+
+def test_pad_to_multiple_per_axis():
+  image, label = coordinate_volume((17, 32, 5))
+  padded, padded_label = sampling.pad_to_multiple(image, label, (4, 8, 2))
+  assert padded.shape == (20, 32, 6, 2) and padded_label.shape == (20, 32, 6)
+  np.testing.assert_array_equal(padded[1:18, :, 0:5], image)  # (1, 2), (0, 0), (0, 1)
+  same, _ = sampling.pad_to_multiple(image, label, (17, 16, 5))
+  assert same is image
+  int_form, _ = sampling.pad_to_multiple(image, label, 4)
+  tuple_form, _ = sampling.pad_to_multiple(image, label, (4, 4, 4))
+  np.testing.assert_array_equal(int_form, tuple_form)
+  assert sampling.round_up_shape((17, 32, 5), (4, 8, 2)) == (20, 32, 6)
+  for bad in ((2, 2), (2, 0, 2), (2, 2.0, 2), (2, True, 2)):
+    with pytest.raises(ValueError, match="multiple"):
+      sampling.pad_to_multiple(image, label, bad)
+
+
+def test_new_functions_are_picklable():
+  for fn in (sampling.check_label_values, sampling.round_up_shape):
     assert pickle.loads(pickle.dumps(fn)) is fn

@@ -6,15 +6,27 @@ deterministic function of the inputs and the generator's state.
 
 Images are channels-last ``[x, y, z, channels]``, labels ``[x, y, z]``, both in
 NIfTI axis order (see :mod:`tversky_jax.data.nifti`).
+
+Foreground sampling follows nnU-Net: :func:`foreground_voxels` with
+``num_classes`` lists the voxels of each foreground class once per case (at
+most ``max_per_class`` of them, a fixed random subset, like nnU-Net's
+``class_locations``), and a foreground patch of :func:`sample_patch` first
+draws a class uniformly among those present, then one of its voxels, so a rare
+class is the centre as often as a large one. With one foreground class
+present (binary labels) the draws are exactly those of pooled sampling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 PadWidths = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+# Per-class voxel lists keep at most this many voxels (a fixed random subset).
+MAX_VOXELS_PER_CLASS = 50_000
+# Seed of those subsets (with the class value): a function of the label only.
+_SUBSET_SEED = 20240917
 
 
 def _check_pair(image: np.ndarray, label: np.ndarray | None) -> None:
@@ -72,37 +84,124 @@ def pad_to_shape(
   return _pad(image, label, center_pad_widths(image.shape[:3], shape))
 
 
+def _check_multiple(name: str, multiple: int | Sequence[int]) -> tuple[int, int, int]:
+  """`multiple` as 3 per-axis integers >= 1 (an integer applies to every axis)."""
+  values = (multiple,) * 3 if np.ndim(multiple) == 0 else tuple(multiple)
+  if (len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                              or v < 1 for v in values)):
+    raise ValueError(f"{name} must be an integer >= 1 or 3 of them (x, y, z), got {multiple!r}")
+  return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def round_up_shape(shape: Sequence[int], multiple: int | Sequence[int]) -> tuple[int, int, int]:
+  """Each of the 3 sizes of `shape` rounded up to a multiple of `multiple` (per axis)."""
+  multiple = _check_multiple("multiple", multiple)
+  return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))  # type: ignore[return-value]
+
+
 def pad_to_multiple(
-    image: np.ndarray, label: np.ndarray | None, multiple: int
+    image: np.ndarray, label: np.ndarray | None, multiple: int | Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Zero-pads (centred) each spatial axis up to a multiple of `multiple`.
 
   For whole-volume training or inference with a U-Net of ``depth`` 2x2x2
   poolings use ``multiple = 2 ** depth``, so every pooling halves an even size
-  and the skip connections line up.
+  and the skip connections line up; with anisotropic poolings use the product
+  of the strides per axis, ``(dx, dy, dz)``.
 
   Args:
     image: ``[x, y, z, c]``; padded with 0.
     label: ``[x, y, z]`` or None; padded with 0.
-    multiple: positive integer.
+    multiple: positive integer, or one per axis ``(dx, dy, dz)``.
 
   Returns:
-    ``(image, label)`` with every spatial size a multiple of `multiple`.
+    ``(image, label)`` with spatial size ``i`` a multiple of ``multiple[i]``.
   """
-  if multiple < 1:
-    raise ValueError(f"multiple must be >= 1, got {multiple}")
+  target = round_up_shape(image.shape[:3], multiple)
   _check_pair(image, label)
-  target = [-(-s // multiple) * multiple for s in image.shape[:3]]
   return _pad(image, label, center_pad_widths(image.shape[:3], target))
 
 
-def foreground_voxels(label: np.ndarray) -> np.ndarray:
-  """``int64 [n, 3]`` indices of the voxels with ``label > 0``.
+def check_label_values(label: np.ndarray, num_classes: int) -> None:
+  """Raises ValueError if a value of `label` is not a class in ``[0, num_classes)``.
+
+  Args:
+    label: ``[x, y, z]`` integer (or integer-valued) labels.
+    num_classes: number of classes ``K``, background included (>= 2).
+  """
+  num_classes = _check_num_classes(num_classes)
+  label = np.asarray(label)
+  if label.size and (label.min() < 0 or label.max() >= num_classes):
+    bad = np.unique(label[(label < 0) | (label >= num_classes)])
+    shown = ", ".join(str(v) for v in bad[:10].tolist()) + (", ..." if len(bad) > 10 else "")
+    raise ValueError(f"label value(s) {shown} outside [0, num_classes) with "
+                     f"num_classes={num_classes}")
+
+
+def _check_num_classes(num_classes: int) -> int:
+  if (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+      or not 2 <= num_classes <= 256):
+    raise ValueError(f"num_classes must be an integer in [2, 256] (background included), "
+                     f"got {num_classes!r}")
+  return int(num_classes)
+
+
+def foreground_voxels(
+    label: np.ndarray,
+    num_classes: int | None = None,
+    max_per_class: int | None = MAX_VOXELS_PER_CLASS,
+) -> np.ndarray | dict[int, np.ndarray]:
+  """Foreground voxel indices of a label map, pooled or per class.
 
   Precompute once per case and pass to :func:`sample_patch` to avoid scanning
   the whole label for every patch.
+
+  Args:
+    label: ``[x, y, z]``.
+    num_classes: None: all voxels with ``label > 0`` pooled as one class.
+      ``K``: per class ``1..K-1``; a value outside ``[0, K)`` is a ValueError
+      (:func:`check_label_values`).
+    max_per_class: per class, keep at most this many voxels: a uniformly
+      drawn subset, in raster order, fixed by the label alone (seeded by the
+      class value); None keeps all. Ignored when `num_classes` is None.
+
+  Returns:
+    `num_classes` None: ``int64 [n, 3]``, ``np.argwhere(label > 0)``.
+    Otherwise ``{k: int32 [n_k, 3]}`` for the classes ``k`` present in
+    `label`, in increasing order; ``n_k <= max_per_class``; for one class the
+    indices are those of the pooled form when ``n_1 <= max_per_class``.
   """
-  return np.argwhere(label > 0)
+  if num_classes is None:
+    return np.argwhere(label > 0)
+  check_label_values(label, num_classes)
+  if max_per_class is not None and (isinstance(max_per_class, bool) or max_per_class < 1):
+    raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class!r}")
+  voxels = {}
+  for value in range(1, num_classes):
+    where = np.argwhere(label == value)
+    if not len(where):
+      continue
+    if max_per_class is not None and len(where) > max_per_class:
+      keep = np.random.default_rng([_SUBSET_SEED, value]).choice(
+          len(where), max_per_class, replace=False)
+      where = where[np.sort(keep)]
+    voxels[value] = where.astype(np.int32)
+  return voxels
+
+
+def _foreground_groups(
+    foreground: np.ndarray | Mapping[int, np.ndarray],
+) -> list[np.ndarray]:
+  """The non-empty voxel lists of `foreground`, pooled form or per class (by class)."""
+  if isinstance(foreground, Mapping):
+    groups = [np.asarray(foreground[k]) for k in sorted(foreground)]
+  else:
+    groups = [np.asarray(foreground)]
+  for group in groups:
+    if group.ndim != 2 or group.shape[1] != 3:
+      raise ValueError(f"foreground must be [n, 3] voxel indices (or a mapping class -> "
+                       f"[n_k, 3]), got shape {group.shape}")
+  return [g for g in groups if len(g)]
 
 
 def sample_patch(
@@ -111,15 +210,25 @@ def sample_patch(
     patch_shape: Sequence[int],
     rng: np.random.Generator,
     foreground_fraction: float = 0.33,
-    foreground: np.ndarray | None = None,
+    foreground: np.ndarray | Mapping[int, np.ndarray] | None = None,
+    num_classes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Crops a random patch, centred on a lesion with probability `foreground_fraction`.
+  """Crops a random patch, centred on a foreground voxel with probability `foreground_fraction`.
 
   With probability `foreground_fraction` (and if the case has foreground) the
-  patch is centred on a uniformly drawn foreground voxel, shifted as needed to
-  stay inside the volume; otherwise its corner is uniform over all valid
-  positions. Volumes smaller than the patch are first zero-padded (centred,
-  :func:`pad_to_shape`).
+  patch is centred on a foreground voxel, shifted as needed to stay inside
+  the volume; otherwise its corner is uniform over all valid positions.
+  Per-class foreground (`num_classes`, or `foreground` a mapping) first draws
+  a class uniformly among the foreground classes present, then a voxel of it
+  uniformly (nnU-Net); pooled foreground draws uniformly among all
+  foreground voxels. Volumes smaller than the patch are first zero-padded
+  (centred, :func:`pad_to_shape`).
+
+  The draws from `rng`: one ``random()`` (foreground or not); for a
+  foreground patch an ``integers(c)`` for the class only if ``c > 1``
+  classes are present, then an ``integers(n_k)`` for the voxel; otherwise
+  one ``integers`` for the corner. With a single foreground class the stream
+  is thus the same per class and pooled.
 
   Args:
     image: ``[x, y, z, c]``.
@@ -127,8 +236,11 @@ def sample_patch(
     patch_shape: ``(px, py, pz)``.
     rng: source of randomness; the result is a function of its state.
     foreground_fraction: probability in ``[0, 1]`` of a foreground-centred patch.
-    foreground: optional ``[n, 3]`` from :func:`foreground_voxels` of the
-      *unpadded* label, to skip rescanning it.
+    foreground: optional precomputed :func:`foreground_voxels` of the
+      *unpadded* label: pooled ``[n, 3]`` or per class ``{k: [n_k, 3]}``, to
+      skip rescanning it.
+    num_classes: used when `foreground` is None: None pools all foreground
+      voxels, ``K`` samples per class (and checks the label values).
 
   Returns:
     ``(image_patch, label_patch)``: ``[px, py, pz, c]`` and ``[px, py, pz]``,
@@ -139,16 +251,16 @@ def sample_patch(
   if not 0.0 <= foreground_fraction <= 1.0:
     raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
   if foreground is None:
-    foreground = foreground_voxels(label)
-  elif foreground.ndim != 2 or foreground.shape[1] != 3:
-    raise ValueError(f"foreground must be [n, 3] voxel indices, got shape {foreground.shape}")
+    foreground = foreground_voxels(label, num_classes)
+  groups = _foreground_groups(foreground)
   widths = center_pad_widths(label.shape, patch_shape)
   image, label = _pad(image, label, widths)
   shape = np.asarray(label.shape)
   patch = np.asarray(patch_shape)
 
-  if len(foreground) and rng.random() < foreground_fraction:
-    voxel = foreground[rng.integers(len(foreground))] + [b for b, _ in widths]
+  if groups and rng.random() < foreground_fraction:
+    group = groups[rng.integers(len(groups))] if len(groups) > 1 else groups[0]
+    voxel = group[rng.integers(len(group))].astype(np.int64) + [b for b, _ in widths]
     start = np.clip(voxel - patch // 2, 0, shape - patch)
   else:
     start = rng.integers(0, shape - patch + 1)

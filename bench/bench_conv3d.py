@@ -9,10 +9,12 @@ machine slows both alike. Sections:
   ("native") against ``unet3d.conv3d_as_2d_sum`` (three x-shifted 2D
   convolutions over (y, z), batch and x folded together). GFLOP/s counts
   3 x the forward's 2*N*27*Cin*Cout multiply-adds.
-* ``upconv``: 2x2x2 stride-2 transposed convolution, ``lax.conv_transpose``
-  against ``unet3d.conv_transpose_2x`` (an einsum; what
-  ``unet3d.UpConv`` runs).
-* ``pool``: 2x2x2 max-pooling, ``lax.reduce_window`` against reshape + max.
+* ``upconv``: transposed convolution with kernel = stride (2x2x2, and an
+  anisotropic 2x2x1), ``lax.conv_transpose`` against
+  ``unet3d.conv_transpose_strided`` (an einsum; what ``unet3d.UpConv``
+  runs).
+* ``pool``: max-pooling with window = stride (2x2x2, 2x2x1),
+  ``lax.reduce_window`` against reshape + max (``unet3d._max_pool``).
 * ``model``: one forward+backward of ``UNet3D`` (base 16 features) per
   ``conv_impl``.
 
@@ -50,11 +52,11 @@ def sum2d_conv(x: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def transpose_upconv(x: jax.Array, k: jax.Array) -> jax.Array:
-  return lax.conv_transpose(x, k, (2, 2, 2), "SAME", dimension_numbers=DN)
+  return lax.conv_transpose(x, k, k.shape[:3], "SAME", dimension_numbers=DN)
 
 
-def reduce_window_pool(x: jax.Array) -> jax.Array:
-  return nnx.max_pool(x, (2, 2, 2), (2, 2, 2))
+def reduce_window_pool(x: jax.Array, window=(2, 2, 2)) -> jax.Array:
+  return nnx.max_pool(x, window, window)
 
 
 def fwd_bwd(f: Callable, *args: jax.Array) -> Callable:
@@ -129,27 +131,32 @@ def bench_conv(repeats: int) -> None:
 
 
 def bench_upconv(repeats: int) -> None:
-  print("2x2x2 stride-2 transposed conv, fwd+bwd")
-  cases = [((1, 32, 32, 32, 32), 16, jnp.float32),
-           ((1, 16, 16, 16, 64), 32, jnp.float32),
-           ((1, 8, 8, 8, 128), 64, jnp.float32),
-           ((1, 32, 32, 32, 32), 16, jnp.bfloat16)]
-  for shape, cout, dtype in cases:
+  print("transposed conv with kernel = stride, fwd+bwd")
+  cases = [((1, 32, 32, 32, 32), 16, jnp.float32, (2, 2, 2)),
+           ((1, 16, 16, 16, 64), 32, jnp.float32, (2, 2, 2)),
+           ((1, 8, 8, 8, 128), 64, jnp.float32, (2, 2, 2)),
+           ((1, 32, 32, 32, 32), 16, jnp.bfloat16, (2, 2, 2)),
+           ((1, 32, 32, 16, 32), 16, jnp.float32, (2, 2, 1))]
+  for shape, cout, dtype, stride in cases:
     x = jax.random.normal(jax.random.key(0), shape, dtype)
-    k = jax.random.normal(jax.random.key(1), (2, 2, 2, shape[-1], cout), dtype)
-    flops = 3 * 2 * np.prod(shape[:-1]) * 8 * shape[-1] * cout
-    title = f"{list(shape)}->{cout} {jnp.dtype(dtype).name}"
+    k = jax.random.normal(jax.random.key(1), (*stride, shape[-1], cout), dtype)
+    flops = 3 * 2 * np.prod(shape[:-1]) * np.prod(stride) * shape[-1] * cout
+    title = f"{list(shape)}->{cout} stride {stride} {jnp.dtype(dtype).name}"
     _compare(title, {"conv_transpose": transpose_upconv,
-                     "einsum": unet3d.conv_transpose_2x}, (x, k), flops, repeats)
+                     "einsum": unet3d.conv_transpose_strided}, (x, k), flops,
+             repeats)
 
 
 def bench_pool(repeats: int) -> None:
-  print("2x2x2 max-pool, fwd+bwd")
-  for shape in [(1, 64, 64, 64, 16), (2, 32, 32, 32, 32)]:
+  print("max-pool with window = stride, fwd+bwd")
+  for shape, window in [((1, 64, 64, 64, 16), (2, 2, 2)),
+                        ((2, 32, 32, 32, 32), (2, 2, 2)),
+                        ((2, 64, 64, 32, 16), (2, 2, 1))]:
     x = jax.random.normal(jax.random.key(0), shape)
-    _compare(f"{list(shape)} float32",
-             {"reduce_window": reduce_window_pool,
-              "reshape+max": unet3d._max_pool_2x}, (x,), 0.0, repeats)
+    _compare(f"{list(shape)} window {window} float32",
+             {"reduce_window": lambda x, w=window: reduce_window_pool(x, w),
+              "reshape+max": lambda x, w=window: unet3d._max_pool(x, w)},
+             (x,), 0.0, repeats)
 
 
 def bench_model(repeats: int, sizes: Sequence[int], depths: Sequence[int],

@@ -6,7 +6,11 @@ command line any value can be overridden, e.g.
 a key that is not here is an error.
 """
 
+import dataclasses
+
 import ml_collections
+
+from tversky_jax.data import augmentation
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,12 +33,27 @@ def get_config() -> ml_collections.ConfigDict:
   # num_val_cases of the remaining training cases.
   config.data.num_folds = 0
   config.data.fold = 0
-  # Patch size [x, y, z]; an empty tuple trains on whole volumes (the paper),
-  # zero-padded to a multiple of 2**model.depth.
+  # Plan the dataset (target spacing: median, coarse axis of anisotropic data
+  # from a lower percentile; normalisation by modality: CT clipped to the
+  # foreground 0.5-99.5 percentiles and z-scored with the dataset's
+  # foreground mean/std, other modalities z-scored per case inside the head)
+  # and train from a cache resampled to that spacing. Prediction and
+  # validation map the probabilities back to each scan's own grid. False:
+  # every case as it is, z-scored per case (the paper's registered volumes).
+  config.data.preprocess = True
+  # Where the plan and the cache go; empty: <workdir>/preprocessed.
+  config.data.cache_dir = ""
+  # Per-channel normalisation override, e.g. ("ct", "zscore"); empty: by the
+  # channel names of dataset.json.
+  config.data.normalization = ()
+  # Patch size [x, y, z] (on the planned grid); an empty tuple trains on whole
+  # volumes (the paper), zero-padded to the network's divisors.
   config.data.patch_shape = (32, 32, 32)
-  # Fraction of patches centred on a lesion voxel.
-  config.data.foreground_fraction = 0.5
-  config.data.random_flip = True
+  # Fraction of patches centred on a foreground voxel (of a foreground class
+  # drawn uniformly among those in the case, as nnU-Net does).
+  config.data.foreground_fraction = 0.33
+  # Flips in the input pipeline (host); augment.p_mirror flips on the device.
+  config.data.random_flip = False
   # Background processes decoding and cropping volumes (0: in this process).
   config.data.worker_count = 0
   config.data.prefetch_batches = 2
@@ -42,14 +61,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.base_features = 16
   config.model.depth = 4
-  config.model.normalization = "none"  # none (paper), group, instance, batch
+  # Per-stage pooling strides, e.g. ((2, 2, 1), (2, 2, 2), ...); empty: from
+  # the target spacing (a coarse axis waits until the others catch up).
+  config.model.strides = ()
+  config.model.normalization = "instance"  # none (paper), group, instance, batch
+  # Convolution initialisation: "he" (Kaiming normal, for ReLU) or "lecun".
+  config.model.init = "he"
+  # Bias of the last convolution: "prior" (log class frequencies of the
+  # training labels: an untrained network predicts them, not 50/50) or "zero".
+  config.model.head_bias = "prior"
   config.model.dtype = "float32"  # or bfloat16 (params stay float32)
   # 3x3x3 convolutions: "native" (cuDNN on GPU), "2d_sum" (3-4x faster on
   # CPU, same parameters) or "auto" (2d_sum on CPU, native elsewhere).
   config.model.conv_impl = "auto"
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = "tversky"  # tversky, dice, focal_tversky, tversky_ce
+  # tversky, dice, focal_tversky, tversky_ce (Tversky + cross-entropy: the
+  # cross-entropy keeps gradients alive where a patch has no foreground).
+  config.loss.name = "tversky_ce"
   # alpha weighs false positives, beta false negatives (Salehi et al. 2017).
   config.loss.alpha = 0.3
   config.loss.beta = 0.7
@@ -65,9 +94,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Learning rate multiplied by decay_rate every decay_steps (staircase).
   config.optimizer.decay_steps = 1000
   config.optimizer.decay_rate = 0.9
+  # Linear warm-up of the learning rate from 0 over the first steps.
+  config.optimizer.warmup_steps = 50
   config.optimizer.weight_decay = 0.0  # adamw only
   config.optimizer.momentum = 0.9  # sgd only
-  config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
+  config.optimizer.grad_clip_norm = 12.0  # 0 disables clipping
+
+  # nnU-Net-style augmentation computed on the device inside the train step
+  # (rotation, scaling, noise, blur, brightness, contrast, gamma, mirroring;
+  # the fields of tversky_jax.data.augmentation.AugmentConfig).
+  augment = dataclasses.asdict(augmentation.AugmentConfig())
+  augment.pop("num_classes")  # the dataset's
+  config.augment = ml_collections.ConfigDict(augment)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 2  # global batch, split over all devices
@@ -77,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 250
   config.train.keep_checkpoints = 3
   config.train.best_metric = "f2"  # dsc, sensitivity, precision, f2, apr
+  # Stop a run whose loss stays near its untrained value with a vanishing
+  # gradient for this many logged steps (0: never).
+  config.train.stuck_patience = 0
 
   config.inference = ml_collections.ConfigDict()
   # Sliding window [x, y, z]; empty: the training patch shape.

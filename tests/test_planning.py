@@ -281,3 +281,12 @@ def test_cli_reports_a_missing_dataset_on_one_line(tmp_path, capsys):
   assert plan_cli.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 1
   err = capsys.readouterr().err
   assert err.startswith("error:") and "dataset.json" in err and err.count("\n") == 1
+
+
+def test_stage_strides_wait_for_the_coarse_axis():
+  assert planning.stage_strides((1.0, 1.0, 1.0), 3) == ((2, 2, 2),) * 3
+  assert planning.stage_strides((1.0, 1.0, 3.0), 4) == (
+      (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+  assert planning.stage_strides((1.0, 1.0, 5.0), 3) == (
+      (2, 2, 1), (2, 2, 1), (2, 2, 2))
+  assert planning.stage_strides((2.0, 1.0, 1.0), 2) == ((1, 2, 2), (2, 2, 2))

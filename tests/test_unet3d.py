@@ -317,3 +317,309 @@ def test_bfloat16_compute_matches_native_and_float32():
   # Forward only: bf16 rounding alone moves these gradients by ~15%
   # (native bf16 vs float32), too much for a meaningful comparison.
   assert _max_rel_diff(out_trick, out_native) < 5e-2
+
+
+# --------------------------------------------------------------------------
+# Per-stage strides, features per stage, init, activation, head bias
+# --------------------------------------------------------------------------
+
+# The state of UNet3D(in_channels=2, num_classes=3, base_features=2, depth=2)
+# as listed from the code before strides / features_per_stage / init
+# existed: "path type shape". A checkpoint of that code must still restore.
+_OLD_TREE_NONE = """
+bottleneck.conv1.bias Param 8
+bottleneck.conv1.kernel Param 3,3,3,4,8
+bottleneck.conv2.bias Param 8
+bottleneck.conv2.kernel Param 3,3,3,8,8
+decoder.0.block.conv1.bias Param 4
+decoder.0.block.conv1.kernel Param 3,3,3,8,4
+decoder.0.block.conv2.bias Param 4
+decoder.0.block.conv2.kernel Param 3,3,3,4,4
+decoder.0.up.bias Param 4
+decoder.0.up.kernel Param 2,2,2,8,4
+decoder.1.block.conv1.bias Param 2
+decoder.1.block.conv1.kernel Param 3,3,3,4,2
+decoder.1.block.conv2.bias Param 2
+decoder.1.block.conv2.kernel Param 3,3,3,2,2
+decoder.1.up.bias Param 2
+decoder.1.up.kernel Param 2,2,2,4,2
+encoder.0.conv1.bias Param 2
+encoder.0.conv1.kernel Param 3,3,3,2,2
+encoder.0.conv2.bias Param 2
+encoder.0.conv2.kernel Param 3,3,3,2,2
+encoder.1.conv1.bias Param 4
+encoder.1.conv1.kernel Param 3,3,3,2,4
+encoder.1.conv2.bias Param 4
+encoder.1.conv2.kernel Param 3,3,3,4,4
+head.bias Param 3
+head.kernel Param 1,1,1,2,3
+"""
+# With normalization="batch" the same but without the 3x3x3 convolutions'
+# biases, plus per norm layer ("path features") bias and scale (Param) and
+# mean and var (BatchStat).
+_OLD_BATCH_NORMS = """
+bottleneck.norm1 8
+bottleneck.norm2 8
+decoder.0.block.norm1 4
+decoder.0.block.norm2 4
+decoder.1.block.norm1 2
+decoder.1.block.norm2 2
+encoder.0.norm1 2
+encoder.0.norm2 2
+encoder.1.norm1 4
+encoder.1.norm2 4
+"""
+
+
+def _old_tree(normalization):
+  rows = [line.split() for line in _OLD_TREE_NONE.strip().splitlines()]
+  tree = {path: (kind, tuple(int(n) for n in shape.split(",")))
+          for path, kind, shape in rows}
+  if normalization == "batch":
+    tree = {p: v for p, v in tree.items()
+            if not (p.endswith(".bias") and ".conv" in p)}
+    for line in _OLD_BATCH_NORMS.strip().splitlines():
+      path, f = line.split()
+      for name, kind in (("bias", "Param"), ("scale", "Param"),
+                         ("mean", "BatchStat"), ("var", "BatchStat")):
+        tree[f"{path}.{name}"] = (kind, (int(f),))
+  return tree
+
+
+def _tree(model):
+  return {".".join(str(p) for p in path): (type(v).__name__, tuple(v.shape))
+          for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize("normalization", ["none", "batch"])
+@pytest.mark.parametrize("extra", [
+    {}, {"strides": [[2, 2, 2], [2, 2, 2]]}, {"features_per_stage": (2, 4, 8)},
+    {"init": "he", "activation": "leaky_relu", "head_bias_init": (0., 1., 2.)}])
+def test_parameter_tree_unchanged_by_default_strides(normalization, extra):
+  kwargs = dict(in_channels=2, num_classes=3, normalization=normalization)
+  if "features_per_stage" not in extra:
+    kwargs["base_features"] = 2
+  if "strides" not in extra:
+    kwargs["depth"] = 2
+  model = _abstract_model(**kwargs, **extra)
+  assert _tree(model) == _old_tree(normalization)
+  assert model.strides == ((2, 2, 2), (2, 2, 2))
+  assert model.features_per_stage == (2, 4, 8) and model.depth == 2
+
+
+def test_default_model_unchanged():
+  model = _abstract_model(in_channels=3)
+  assert model.depth == 4 and model.base_features == 16
+  assert model.strides == unet3d.default_strides(4) == ((2, 2, 2),) * 4
+  assert model.features_per_stage == (16, 32, 64, 128, 256)
+  assert model.init == "lecun" and model.activation == "relu"
+
+
+def test_required_divisors():
+  assert unet3d.required_divisors([]) == (1, 1, 1)
+  assert unet3d.required_divisors(unet3d.default_strides(3)) == (8, 8, 8)
+  assert unet3d.required_divisors(
+      [[2, 2, 1], [2, 2, 2], [2, 2, 1], [1, 2, 2]]) == (8, 16, 4)
+  assert unet3d.required_divisors(np.array([[2, 1, 2]])) == (2, 1, 2)
+  assert unet3d.default_strides(0) == ()
+  with pytest.raises(ValueError, match="depth must be >= 0"):
+    unet3d.default_strides(-1)
+
+
+ANISO = ((2, 2, 1), (2, 2, 2), (2, 2, 1))
+
+
+def test_anisotropic_strides_pool_per_axis(monkeypatch):
+  model = _abstract_model(in_channels=1, base_features=2, strides=ANISO)
+  assert model.depth == 3 and model.strides == ANISO
+  assert model.features_per_stage == (2, 4, 8, 16)
+  pooled = []
+  real_pool = unet3d._max_pool
+
+  def recording_pool(x, window):
+    pooled.append((x.shape[1:4], tuple(window)))
+    return real_pool(x, window)
+
+  monkeypatch.setattr(unet3d, "_max_pool", recording_pool)
+  out = _traced_forward(model, jax.ShapeDtypeStruct((2, 16, 16, 8, 1),
+                                                    jnp.float32))
+  assert out.shape == (2, 16, 16, 8, 2) and out.dtype == jnp.float32
+  # z is not pooled at the first and last stages.
+  assert pooled == [((16, 16, 8), (2, 2, 1)), ((8, 8, 8), (2, 2, 2)),
+                    ((4, 4, 4), (2, 2, 1))]
+  # Decoder (coarse to fine): up-conv kernels are the strides.
+  assert [block.up.kernel.shape for block in model.decoder] == [
+      (2, 2, 1, 16, 8), (2, 2, 2, 8, 4), (2, 2, 1, 4, 2)]
+  # z needs only one halving: multiples of 2 suffice (x, y need 8).
+  assert _traced_forward(model, jax.ShapeDtypeStruct(
+      (1, 8, 16, 2, 1), jnp.float32)).shape == (1, 8, 16, 2, 2)
+
+
+def test_anisotropic_nondivisible_input_raises():
+  model = _abstract_model(in_channels=1, base_features=2, strides=ANISO)
+  x = jax.ShapeDtypeStruct((1, 12, 16, 5, 1), jnp.float32)
+  pattern = (r"\(12, 16, 5\).*not divisible by \(8, 8, 2\).*"
+             r"x=12 is not divisible by 8, z=5 is not divisible by 2")
+  with pytest.raises(ValueError, match=pattern):
+    model(x)
+  with pytest.raises(ValueError, match=pattern):
+    _traced_forward(model, x)
+  # The default strides keep the old wording (2**depth).
+  with pytest.raises(ValueError, match=r"2\*\*depth \(depth=3\).*z=5"):
+    _abstract_model(in_channels=1, depth=3, base_features=2)(x)
+
+
+@pytest.mark.parametrize("strides, match", [
+    ([[2, 2, 3]], r"strides\[0\]=\[2, 2, 3\]: expected 3 strides .* 1 or 2"),
+    ([[2, 2, 2], [2, 0, 2]], r"strides\[1\]=\[2, 0, 2\]"),
+    ([[2, 2]], r"strides\[0\]=\[2, 2\]: expected 3 strides"),
+    ([[2, 2, 2, 2]], r"strides\[0\]"),
+    ([[2, 2, 1.5]], r"strides\[0\]"),
+    ([2, 2, 2], r"strides\[0\]=2: expected 3 strides"),
+    ([[1, 1, 1]], r"must pool at least one axis"),
+    ("222", r"strides must be a sequence"),
+])
+def test_bad_strides_raise(strides, match):
+  with pytest.raises(ValueError, match=match):
+    unet3d.validate_strides(strides)
+  with pytest.raises(ValueError, match=match):
+    UNet3D(in_channels=1, strides=strides, rngs=_rngs())
+
+
+def test_inconsistent_options_raise():
+  with pytest.raises(ValueError, match=r"depth=2 disagrees with the 3 stages"):
+    UNet3D(in_channels=1, depth=2, strides=ANISO, rngs=_rngs())
+  with pytest.raises(ValueError, match=r"features_per_stage=\(4, 8\): .* 4 positive"):
+    UNet3D(in_channels=1, strides=ANISO, features_per_stage=(4, 8), rngs=_rngs())
+  with pytest.raises(ValueError, match=r"features_per_stage=\(4, 0\)"):
+    UNet3D(in_channels=1, depth=1, features_per_stage=(4, 0), rngs=_rngs())
+  with pytest.raises(ValueError, match=r"base_features=8 disagrees"):
+    UNet3D(in_channels=1, depth=1, base_features=8, features_per_stage=(4, 8),
+           rngs=_rngs())
+  with pytest.raises(ValueError, match=r"'xavier'.*'lecun', 'he'"):
+    UNet3D(in_channels=1, init="xavier", rngs=_rngs())
+  with pytest.raises(ValueError, match=r"'gelu'.*'relu', 'leaky_relu'"):
+    UNet3D(in_channels=1, activation="gelu", rngs=_rngs())
+  with pytest.raises(ValueError, match=r"head_bias_init=\(0.0,\).*num_classes=2"):
+    UNet3D(in_channels=1, head_bias_init=(0.0,), rngs=_rngs())
+  with pytest.raises(ValueError, match=r"head_bias_init=.*finite"):
+    UNet3D(in_channels=1, head_bias_init=(0.0, float("-inf")), rngs=_rngs())
+
+
+def test_param_count_with_strides_and_features_matches_planning():
+  from tversky_jax.data import planning  # pylint: disable=import-outside-toplevel
+  strides = ((2, 2, 1), (2, 2, 2), (1, 2, 2))
+  for features in [(3, 6, 12, 12), (2, 4, 8, 16)]:
+    model = _abstract_model(in_channels=2, num_classes=3, strides=strides,
+                            features_per_stage=features)
+    assert model.base_features == features[0]
+    assert count_params(model) == planning.unet_param_count(
+        2, 3, features, strides)
+  # Hand count of a one-stage net: 3x3x3 convs 1->2, 2->2, bottleneck 2->5,
+  # 5->5, up-conv (2, 1, 2) 5->2, decoder 4->2, 2->2, head 2->2.
+  model = _abstract_model(in_channels=1, strides=[(2, 1, 2)],
+                          features_per_stage=(2, 5))
+  expected = ((27 * 1 * 2 + 2) + (27 * 2 * 2 + 2) + (27 * 2 * 5 + 5)
+              + (27 * 5 * 5 + 5) + (4 * 5 * 2 + 2) + (27 * 4 * 2 + 2)
+              + (27 * 2 * 2 + 2) + (2 * 2 + 2))
+  assert count_params(model) == expected
+
+
+@pytest.mark.parametrize("window", [(2, 2, 1), (1, 2, 2), (2, 1, 1)])
+def test_max_pool_any_window_matches_reduce_window(window):
+  x = _input(batch=2, channels=3, size=(8, 6, 4))
+  np.testing.assert_array_equal(unet3d._max_pool(x, window),
+                                nnx.max_pool(x, window, window))
+
+
+@pytest.mark.parametrize("strides", [(2, 2, 1), (1, 2, 2), (2, 1, 2)])
+def test_upconv_any_strides_matches_conv_transpose(strides):
+  up = unet3d.UpConv(6, 3, strides=strides, rngs=_rngs())
+  ref = nnx.ConvTranspose(6, 3, kernel_size=strides, strides=strides,
+                          padding="SAME", rngs=_rngs())
+  np.testing.assert_array_equal(up.kernel[...], ref.kernel[...])
+  x = _input(batch=2, channels=6, size=(3, 4, 2))
+  out = up(x)
+  assert out.shape == (2, *(n * s for n, s in zip((3, 4, 2), strides)), 3)
+  np.testing.assert_allclose(out, ref(x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"\[2, 2, 2, in, out\]"):
+    unet3d.conv_transpose_2x(x, up.kernel[...])
+
+
+def test_2d_sum_equals_native_with_anisotropic_strides():
+  kwargs = dict(in_channels=2, features_per_stage=(2, 4, 6),
+                strides=((2, 2, 1), (2, 1, 2)), activation="leaky_relu",
+                init="he")
+  g_native, g_trick, state = _same_state_layout(
+      UNet3D(conv_impl="native", rngs=_rngs(), **kwargs),
+      UNet3D(conv_impl="2d_sum", rngs=_rngs(1), **kwargs))
+  forward = jax.jit(lambda g, s, x: nnx.merge(g, s)(x), static_argnums=0)
+  x = _input(channels=2, size=(8, 4, 6))
+  out_native = forward(g_native, state, x)
+  out_trick = forward(g_trick, state, x)
+  assert out_native.shape == (1, 8, 4, 6, 2)
+  assert float(jnp.std(out_native[..., 0])) > 0
+  assert _max_rel_diff(out_trick, out_native) < 1e-5
+
+
+def test_he_init_std():
+  cin = 24
+  features = (32, 64)
+  he = UNet3D(in_channels=cin, features_per_stage=features, strides=[(2, 2, 1)],
+              init="he", rngs=_rngs())
+  lecun = UNet3D(in_channels=cin, features_per_stage=features,
+                 strides=[(2, 2, 1)], rngs=_rngs())
+  # (kernel, fan_in): 3x3x3 convs 27 * in; the up-conv (kernel = stride, no
+  # overlap) sums exactly `in` = 64 products per output voxel.
+  layers = [(lambda m: m.encoder[0].conv2.kernel, 27 * 32),
+            (lambda m: m.bottleneck.conv2.kernel, 27 * 64),
+            (lambda m: m.decoder[0].block.conv1.kernel, 27 * 64)]
+  for kernel, fan_in in layers:
+    np.testing.assert_allclose(float(jnp.std(kernel(he)[...])),
+                               np.sqrt(2 / fan_in), rtol=0.03)
+    np.testing.assert_allclose(float(jnp.std(kernel(lecun)[...])),
+                               np.sqrt(1 / fan_in), rtol=0.03)
+    assert abs(float(jnp.mean(kernel(he)[...]))) < 0.05 * np.sqrt(2 / fan_in)
+  np.testing.assert_allclose(float(jnp.std(he.decoder[0].up.kernel[...])),
+                             np.sqrt(2 / 64), rtol=0.05)
+  # The default matches nnx.ConvTranspose: fan_in counts the kernel, 4 * 64.
+  np.testing.assert_allclose(float(jnp.std(lecun.decoder[0].up.kernel[...])),
+                             np.sqrt(1 / (4 * 64)), rtol=0.05)
+  for model in (he, lecun):
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+      if leaf.ndim == 1:  # biases start at zero
+        assert not np.any(leaf)
+
+
+def test_head_bias_init_and_leaky_relu():
+  priors = np.array([0.95, 0.05])
+  model = UNet3D(in_channels=1, depth=1, base_features=2,
+                 head_bias_init=np.log(priors), rngs=_rngs())
+  np.testing.assert_allclose(model.head.bias[...], np.log(priors), rtol=1e-6)
+  # With the head's kernel zeroed the logits are the bias: the priors.
+  model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
+  graphdef, state = nnx.split(model)
+  logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(
+      state, _input(channels=1, size=(4, 4, 4)))
+  probs = jax.nn.softmax(logits)
+  np.testing.assert_allclose(probs, np.broadcast_to(priors, probs.shape),
+                             rtol=1e-5)
+
+  # Leaky ReLU: same parameters, negative outputs survive.
+  relu = unet3d.ConvBlock(1, 4, normalization="none", dtype=jnp.float32,
+                          conv_impl="native", rngs=_rngs())
+  leaky = unet3d.ConvBlock(1, 4, normalization="none", dtype=jnp.float32,
+                           conv_impl="native", activation="leaky_relu",
+                           rngs=_rngs())
+  x = _input(channels=1, size=(4, 4, 4))
+
+  @nnx.jit
+  def outputs(relu, leaky, x):
+    act = lambda v: jnp.where(v > 0, v, 0.01 * v)
+    by_hand = act(leaky.conv2(act(leaky.conv1(x))))
+    return relu(x), leaky(x), by_hand
+
+  out_relu, out_leaky, by_hand = outputs(relu, leaky, x)
+  assert float(jnp.min(out_relu)) == 0.0
+  assert float(jnp.min(out_leaky)) < 0.0
+  np.testing.assert_allclose(out_leaky, by_hand, rtol=1e-6, atol=1e-7)

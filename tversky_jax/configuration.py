@@ -90,8 +90,9 @@ def validate_config(config: ml_collections.ConfigDict,
   require(patch == () or (len(patch) == 3 and all(p > 0 for p in patch)),
           "data.patch_shape", "expected () for whole volumes or 3 positive "
           "sizes [x, y, z]")
-  require(all(p % divisor == 0 for p in patch), "data.patch_shape",
-          f"every size must be a multiple of 2**model.depth = {divisor}")
+  if not config.model.strides:  # else checked against the strides' divisors
+    require(all(p % divisor == 0 for p in patch), "data.patch_shape",
+            f"every size must be a multiple of 2**model.depth = {divisor}")
   require(0 <= config.data.foreground_fraction <= 1,
           "data.foreground_fraction", "must be in [0, 1]")
   require(config.data.num_val_cases >= 0, "data.num_val_cases", "must be >= 0")
@@ -112,8 +113,8 @@ def validate_config(config: ml_collections.ConfigDict,
           all(s >= 16 for s in config.data.synthetic_shape),
           "data.synthetic_shape", "expected 3 sizes, each >= 16")
   window = tuple(config.inference.window)
-  require(window == () or (len(window) == 3 and
-                           all(w > 0 and w % divisor == 0 for w in window)),
+  require(window == () or (len(window) == 3 and all(
+      w > 0 and (config.model.strides or w % divisor == 0) for w in window)),
           "inference.window",
           f"expected () or 3 sizes, each a multiple of {divisor}")
   require(0 <= config.inference.overlap < 1, "inference.overlap",
@@ -134,7 +135,7 @@ def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 # Keys whose change makes a checkpoint unloadable (parameter or optimizer
 # state structure) or its data position meaningless (grain's state layout).
-STRUCTURAL_KEYS = ("model.base_features", "model.depth",
+STRUCTURAL_KEYS = ("model.base_features", "model.depth", "model.strides",
                    "model.normalization", "optimizer.name",
                    "optimizer.grad_clip_norm", "data.worker_count")
 

@@ -59,7 +59,8 @@ from tversky_jax import train_state
 from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import parallel
 from tversky_jax.data import nifti
-from tversky_jax.models import unet3d
+from tversky_jax.data import planning
+from tversky_jax.data import preprocessing
 
 OUTPUT_ENDING = ".nii.gz"
 PROBABILITY_SUFFIX = "_prob"
@@ -100,6 +101,8 @@ class Predictor:
   def __init__(self, config: ml_collections.ConfigDict, graphdef: Any,
                state: Any, *, channel_names: Sequence[str],
                step: int | None = None,
+               spec: train_state.ModelSpec | None = None,
+               plan: planning.Plan | None = None,
                window: Sequence[int] | None = None,
                overlap: float | None = None, batch_size: int | None = None,
                mirror: bool | None = None, threshold: float | None = None,
@@ -112,6 +115,12 @@ class Predictor:
       state: the matching train state, replicated over ``devices``.
       channel_names: input channel names in order.
       step: the training step of ``state``, for reports.
+      spec: the network's shape (classes, strides); default: two classes,
+        ``config.model.depth`` stages of 2x2x2 pooling.
+      plan: the training data's plan: a scan is preprocessed with it
+        (cropped, normalised by modality, resampled to its spacing) and the
+        probabilities are resampled back to the scan's grid. None: the scan
+        is z-scored on its own grid (runs trained without preprocessing).
       window: sliding-window size; default ``config.inference.window``, or
         ``config.data.patch_shape`` when that is empty, or the whole volume
         when both are.
@@ -132,7 +141,9 @@ class Predictor:
     self._state = state
     self._logits = train_state.make_logits_fn(graphdef)
     inf = config.inference
-    self.divisor = unet3d.required_divisor(config.model.depth)
+    self.spec = spec or train_state.ModelSpec(len(self.channel_names))
+    self.plan = plan
+    self.divisors = self.spec.divisors(config.model.depth)
     if window is None:
       window = tuple(inf.window) or tuple(config.data.patch_shape) or None
     self.window = None if window is None else tuple(int(w) for w in window)
@@ -145,11 +156,12 @@ class Predictor:
   def _check_settings(self) -> None:
     if self.window is not None and (
         len(self.window) != 3 or
-        any(w <= 0 or w % self.divisor for w in self.window)):
+        any(w <= 0 or w % d for w, d in zip(self.window, self.divisors))):
       raise PredictError(
           f"window {self.window}: expected 3 sizes, each a positive multiple "
-          f"of 2**depth = {self.divisor} (model depth "
-          f"{self.config.model.depth})")
+          f"of the network's divisors {self.divisors} (x, y, z; 2**depth = "
+          f"{2 ** self.config.model.depth} for depth "
+          f"{self.config.model.depth} without anisotropic strides)")
     if not 0.0 <= self.overlap < 1.0:
       raise PredictError(f"overlap {self.overlap}: must be in [0, 1)")
     if self.batch_size < 1:
@@ -165,28 +177,32 @@ class Predictor:
     """The window used for a volume of spatial ``shape`` ``(x, y, z)``."""
     if self.window is not None:
       return self.window  # type: ignore[return-value]
-    return tuple(int(-(-s // self.divisor) * self.divisor)
-                 for s in shape)  # type: ignore[return-value]
+    return tuple(int(-(-s // d) * d) for s, d in
+                 zip(shape, self.divisors))  # type: ignore[return-value]
 
   def logits(self, images: jax.Array | np.ndarray) -> jax.Array:
     """Jitted forward pass: ``[n, x, y, z, channels]`` -> logits
-    ``[n, x, y, z, 2]`` (float32; class 0 background, 1 lesion); every
-    spatial size a multiple of ``2**config.model.depth``."""
+    ``[n, x, y, z, K]`` (float32; class 0 background); every spatial size a
+    multiple of :attr:`divisors`."""
     return self._logits(self._state, images)
 
-  def predict_probability(self, image: np.ndarray,
-                          progress: bool = False) -> np.ndarray:
-    """Lesion probability of one normalised image.
+  @property
+  def num_classes(self) -> int:
+    return self.spec.num_classes
+
+  def predict_probabilities(self, image: np.ndarray,
+                            progress: bool = False) -> np.ndarray:
+    """Softmax probabilities of one image as the network sees it.
 
     Args:
       image: ``[x, y, z, channels]`` (channels last, NIfTI axis order, the
-        channels in :attr:`channel_names` order), already normalised with
-        :func:`tversky_jax.data.nifti.normalize_image`.
+        channels in :attr:`channel_names` order), normalised (and resampled)
+        as in training (:meth:`predict_files` does it from the files).
       progress: show a tqdm bar over the sliding windows.
 
     Returns:
-      float32 ``[x, y, z]``: ``1 - p(background)``, Gaussian-blended over
-      the sliding windows (and mirror-averaged when :attr:`mirror`).
+      float32 ``[x, y, z, K]``, Gaussian-blended over the sliding windows
+      (and mirror-averaged when :attr:`mirror`).
 
     Raises:
       PredictError: the image is not 4-D or has the wrong channel count.
@@ -196,31 +212,47 @@ class Predictor:
       raise PredictError(
           f"expected an image [x, y, z, {self.num_channels}] (channels "
           f"{', '.join(self.channel_names)}), got shape {image.shape}")
-    settings = ml_collections.ConfigDict({"inference": {
-        "overlap": self.overlap, "batch_size": self.batch_size,
-        "mirror": self.mirror}})
-    prob = validation.lesion_probability(
-        image, self.logits, settings,
-        self.window_for(image.shape[:3]), devices=self.devices,
-        progress=progress)
-    return np.asarray(prob, np.float32)
+    return validation.class_probabilities(
+        image, self.logits, self.window_for(image.shape[:3]),
+        overlap=self.overlap, batch_size=self.batch_size, mirror=self.mirror,
+        devices=self.devices, progress=progress)
 
-  def predict_mask(self, probability: np.ndarray) -> np.ndarray:
-    """uint8 ``[x, y, z]``: 1 where ``probability >= threshold``."""
-    return (np.asarray(probability) >= self.threshold).astype(np.uint8)
+  def predict_probability(self, image: np.ndarray,
+                          progress: bool = False) -> np.ndarray:
+    """float32 ``[x, y, z]`` lesion probability ``1 - p(background)`` of a
+    two-class model (see :meth:`predict_probabilities`)."""
+    return 1.0 - self.predict_probabilities(image, progress)[..., 0]
+
+  def predict_mask(self, probabilities: np.ndarray) -> np.ndarray:
+    """uint8 ``[x, y, z]`` segmentation.
+
+    ``probabilities`` is a lesion probability ``[x, y, z]`` (a voxel is 1
+    where it is ``>= threshold``) or the class probabilities ``[x, y, z,
+    K]`` (two classes: the same threshold on class 1; more: the most
+    probable class).
+    """
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim == 3:
+      return (probabilities >= self.threshold).astype(np.uint8)
+    return validation.segment(probabilities, self.threshold)
 
   def predict_files(self, paths: Sequence[str | os.PathLike[str]],
                     progress: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Reads, normalises and predicts one case given by its channel files.
+    """Reads, preprocesses and predicts one case given by its channel files.
+
+    With a :attr:`plan` the scan is cropped, normalised and resampled as the
+    training data were, and the probabilities are resampled back to the
+    scan's own grid; without one it is z-scored on its own grid.
 
     Args:
       paths: one NIfTI file per channel, in :attr:`channel_names` order.
       progress: show a tqdm bar over the sliding windows.
 
     Returns:
-      ``(probability float32 [x, y, z], affine [4, 4], header)`` with the
-      affine and header of the first channel file.
+      ``(probabilities, affine [4, 4], header)`` on the grid of the first
+      channel file, whose affine and header these are: float32 ``[x, y, z]``
+      lesion probability for a two-class model, else ``[x, y, z, K]``.
 
     Raises:
       PredictError: wrong number of files.
@@ -230,8 +262,17 @@ class Predictor:
     if len(paths) != self.num_channels:
       raise PredictError(_channel_count_message(self.channel_names, paths))
     image, affine, header = nifti.load_image_files(paths)
-    prob = self.predict_probability(nifti.normalize_image(image), progress)
-    return prob, affine, header
+    if self.plan is None:
+      probs = self.predict_probabilities(nifti.normalize_image(image),
+                                         progress)
+    else:
+      prepared, _, meta = preprocessing.preprocess_case(
+          image, planning.case_spacing(header), affine, self.plan)
+      probs = preprocessing.resample_to_original(
+          self.predict_probabilities(prepared, progress), meta)
+    if self.num_classes == 2:
+      probs = 1.0 - probs[..., 0]
+    return np.asarray(probs, np.float32), affine, header
 
 
 def load_predictor(workdir: str | os.PathLike[str],
@@ -299,7 +340,11 @@ def load_predictor(workdir: str | os.PathLike[str],
           "(its dataset.json names the input channels); pass the channel "
           "names (--channel-names T1 T2 FLAIR)")
     devices = list(jax.local_devices() if devices is None else devices)
-    graphdef, abstract = abstract_train_state(config, len(names),
+    spec = (train_state.ModelSpec.from_dict(meta["model"])
+            if meta.get("model") else train_state.ModelSpec(len(names)))
+    spec = dataclasses.replace(spec, in_channels=len(names))
+    plan = planning.Plan.from_json(meta["plan"]) if meta.get("plan") else None
+    graphdef, abstract = abstract_train_state(config, spec,
                                               parallel.make_mesh(devices))
     try:
       restored = manager.restore(abstract, step=step)
@@ -312,14 +357,15 @@ def load_predictor(workdir: str | os.PathLike[str],
     manager.close()
   _log(f"Restored the {how} checkpoint (step {step}) of {workdir}.")
   return Predictor(config, graphdef, restored.state, channel_names=names,
-                   step=step, window=window, overlap=overlap,
+                   step=step, spec=spec, plan=plan, window=window,
+                   overlap=overlap,
                    batch_size=batch_size, mirror=mirror, threshold=threshold,
                    devices=devices)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict,
-                         in_channels: int, mesh: jax.sharding.Mesh
-                         ) -> tuple[Any, Any]:
+                         spec: train_state.ModelSpec | int,
+                         mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """``(graphdef, state of jax.ShapeDtypeStruct)`` of the train state.
 
   The structure is exactly :func:`train_state.create_train_state`'s (it is
@@ -331,7 +377,7 @@ def abstract_train_state(config: ml_collections.ConfigDict,
   captured = {}
 
   def init():
-    graphdef, state = train_state.create_train_state(config, in_channels, mesh)
+    graphdef, state = train_state.create_train_state(config, spec, mesh)
     captured["graphdef"] = graphdef
     return state
 

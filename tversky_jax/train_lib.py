@@ -40,7 +40,9 @@ from tversky_jax import training_data
 from tversky_jax import validation
 from tversky_jax.configuration import ConfigError
 from tversky_jax.configuration import METRICS
+from tversky_jax.data import augmentation
 from tversky_jax.data import pipeline
+from tversky_jax.data import planning
 from tversky_jax.metric_writer import MetricWriter
 from tversky_jax.models import unet3d
 
@@ -48,12 +50,16 @@ from tversky_jax.models import unet3d
 # between ~0.3 and 1.0 (a patch without foreground scores 1).
 LOSS_WINDOW = 20
 
-__all__ = ["ConfigError", "TrainingDiverged", "TrainSummary",
+__all__ = ["ConfigError", "TrainingDiverged", "TrainingStuck", "TrainSummary",
            "train_and_evaluate"]
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite."""
+
+
+class TrainingStuck(RuntimeError):
+  """The gradient vanished for ``train.stuck_patience`` steps in a row."""
 
 
 @dataclasses.dataclass
@@ -117,27 +123,24 @@ class _Run:
     self.config, self.workdir = config, workdir
     self.is_lead = jax.process_index() == 0
     self.progress = progress and self.is_lead
-    dataset, train_ids, val_ids = training_data.prepare_dataset(config)
-    self.dataset = dataset
-    divisor = unet3d.required_divisor(config.model.depth)
-    self.train_cases = pipeline.load_training_cases(
-        dataset, train_ids, progress=self.progress)
-    self.val_cases = pipeline.load_training_cases(
-        dataset, val_ids, progress=self.progress) if val_ids else []
+    self.data = training_data.load(config, workdir, progress=self.progress)
+    self.spec = model_spec(config, self.data)
+    divisors = self.spec.divisors(config.model.depth)
     patch_shape = tuple(config.data.patch_shape) or None
-    self.window = (tuple(config.inference.window) or patch_shape or
-                   training_data.whole_volume_shape(
-                       self.train_cases + self.val_cases, divisor))
+    _check_patch(patch_shape, divisors)
+    whole = pipeline.whole_volume_shape(self.data.train_cases, divisors)
+    self.window = tuple(config.inference.window) or patch_shape or whole
     self.batch_voxels = config.train.batch_size * math.prod(
-        patch_shape or training_data.whole_volume_shape(self.train_cases,
-                                                        divisor))
+        patch_shape or whole)
     self.mesh = parallel.make_mesh(devices)
     self.local_mesh = parallel.make_mesh(
         [d for d in devices if d.process_index == jax.process_index()])
     graphdef, self.state = train_state_lib.create_train_state(
-        config, dataset.num_channels, self.mesh)
+        config, self.spec, self.mesh)
     self.train_step = train_state_lib.make_train_step(
-        graphdef, train_state_lib.make_loss_fn(config), self.mesh)
+        graphdef, train_state_lib.make_loss_fn(config), self.mesh,
+        augment=augment_config(config, self.data.num_classes),
+        seed=config.seed)
     self.logits = train_state_lib.make_logits_fn(graphdef)
     self.schedule = train_state_lib.make_schedule(config)
     self.manager = checkpoint_lib.CheckpointManager(
@@ -145,8 +148,8 @@ class _Run:
         max_to_keep=config.train.keep_checkpoints,
         best_metric=config.train.best_metric)
     self.data_iter = pipeline.make_train_iterator(
-        self.train_cases, global_batch_size=config.train.batch_size,
-        patch_shape=patch_shape, divisor=divisor,
+        self.data.train_cases, global_batch_size=config.train.batch_size,
+        patch_shape=patch_shape, divisor=divisors,
         foreground_fraction=config.data.foreground_fraction,
         random_flip=config.data.random_flip, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -156,6 +159,7 @@ class _Run:
     self.step = self.saved_step = self.start_step = 0
     self.last_loss = math.nan
     self.losses = collections.deque(maxlen=LOSS_WINDOW)
+    self.stuck = _StuckDetector(config.train.stuck_patience)
     self.final_metrics: dict[str, float] = {}
     self.pending = None  # (step, metrics) of the step not yet checked
 
@@ -166,8 +170,8 @@ class _Run:
     if latest is not None:
       configuration.check_resumable(config, workdir)
       configuration.check_same_channels(
-          self._saved_channels(latest), self.dataset.channel_names,
-          str(self.dataset.root), workdir)
+          self._saved_channels(latest), self.data.dataset.channel_names,
+          str(self.data.dataset.root), workdir)
     if self.is_lead and configuration.write_config(config, workdir):
       _log(f"note: the config differs from the one in {workdir}/config.json; "
            "the run continues from its checkpoint with the new config.")
@@ -231,6 +235,7 @@ class _Run:
       self.pending = None
       self.last_loss = _check_finite(step_metrics, step, self.manager)
       self.losses.append(self.last_loss)
+      self.stuck.update(step, self.last_loss, float(step_metrics["grad_norm"]))
 
   def _log_train(self, step_metrics, timer, bar) -> None:
     self._flush()
@@ -247,15 +252,16 @@ class _Run:
     timer[:] = [time.perf_counter(), 0]
 
   def _validate(self) -> dict[str, float] | None:
-    if not self.val_cases:
+    if not self.data.val_cases:
       return None
     # Every process validates on its own devices with a local copy of the
     # replicated parameters (in a multi-host job the global state spans
     # devices this process cannot address).
     local_state = parallel.localize(self.state, self.local_mesh)
     values = validation.evaluate_cases(
-        self.val_cases, lambda x: self.logits(local_state, x), self.config,
-        self.window, list(self.local_mesh.devices.flat))
+        self.data.val_cases, lambda x: self.logits(local_state, x),
+        self.config, self.window, class_names(self.data.dataset),
+        list(self.local_mesh.devices.flat))
     self.final_metrics = values
     self.writer.write(self.step, {f"val/{k}": v for k, v in values.items()})
     if self.is_lead:
@@ -268,7 +274,10 @@ class _Run:
     self.manager.save(
         self.step, self.state, data_state=self.data_iter.get_state(),
         meta={"config": self.config.to_dict(), "metrics": metrics or {},
-              "channel_names": list(self.dataset.channel_names),
+              "channel_names": list(self.data.dataset.channel_names),
+              "class_names": class_names(self.data.dataset),
+              "model": self.spec.to_dict(),
+              "plan": self.data.plan.to_json() if self.data.plan else None,
               "dataset_root": os.path.abspath(self.config.data.root)},
         metrics=metrics)
 
@@ -292,6 +301,83 @@ class _Run:
                         last_loss=self.last_loss, best_step=best_step,
                         best_metrics=best_metrics,
                         final_metrics=self.final_metrics)
+
+
+def class_names(dataset) -> list[str]:
+  """Name of every softmax class (``class_k`` where dataset.json has none)."""
+  names = {int(v): k for k, v in dataset.labels.items()
+           if isinstance(v, int)}
+  return [names.get(k, f"class_{k}")
+          for k in range(training_data.num_classes_of(dataset))]
+
+
+def model_spec(config, data: training_data.TrainingData
+               ) -> train_state_lib.ModelSpec:
+  """The network's shape for this run: channels, classes, strides, bias."""
+  strides = tuple(tuple(int(v) for v in s) for s in config.model.strides)
+  if not strides and data.plan is not None:
+    strides = planning.stage_strides(data.plan.target_spacing,
+                                     config.model.depth)
+  if strides == unet3d.default_strides(config.model.depth):
+    strides = ()  # the paper's network, and its parameter tree
+  head_bias = None
+  if config.model.head_bias == "prior":
+    counts = sum(np.bincount(np.asarray(c.label).ravel(),
+                             minlength=data.num_classes)[:data.num_classes]
+                 for c in data.train_cases)
+    head_bias = tuple(float(v) for v in
+                      np.log((counts + 1.0) / (counts.sum() + 1.0)))
+  return train_state_lib.ModelSpec(data.dataset.num_channels,
+                                   data.num_classes, strides or None,
+                                   head_bias)
+
+
+def augment_config(config, num_classes: int):
+  """The on-device augmentation of ``config.augment``; None when it is off."""
+  if not config.augment.enabled:
+    return None
+  return augmentation.AugmentConfig.from_dict(
+      dict(config.augment.to_dict(), num_classes=num_classes))
+
+
+def _check_patch(patch_shape, divisors) -> None:
+  if patch_shape and any(p % d for p, d in zip(patch_shape, divisors)):
+    raise ConfigError(
+        f"config.data.patch_shape={patch_shape}: each size must be a "
+        f"multiple of the network's divisors {divisors} (its pooling "
+        "strides per axis)")
+
+
+class _StuckDetector:
+  """Notices a run whose gradient has vanished (a collapsed network).
+
+  A network that predicts only background (e.g. the paper's network without
+  normalisation on a hard task) has a loss stuck near its untrained value
+  and a gradient norm orders of magnitude below the first steps'. After
+  ``patience`` such steps in a row, :meth:`update` raises TrainingStuck.
+  """
+
+  def __init__(self, patience: int):
+    self.patience = patience
+    self.first_norm = None
+    self.count = 0
+
+  def update(self, step: int, loss: float, grad_norm: float) -> None:
+    if not self.patience:
+      return
+    if self.first_norm is None:
+      self.first_norm = max(grad_norm, 1e-30)
+    vanished = grad_norm < 1e-3 * self.first_norm
+    self.count = self.count + 1 if vanished else 0
+    if self.count >= self.patience:
+      raise TrainingStuck(
+          f"training is stuck at step {step}: the gradient norm "
+          f"({grad_norm:.3g}) has been below 1/1000 of the first step's "
+          f"({self.first_norm:.3g}) for {self.count} steps, loss {loss:.4f}; "
+          "the network has collapsed (it predicts one class everywhere). "
+          "Try --config.model.normalization=instance, "
+          "--config.loss.name=tversky_ce, --config.model.head_bias=prior or "
+          "another optimizer.learning_rate; the last checkpoint is kept.")
 
 
 def _make_workdir(workdir: str) -> None:
@@ -328,7 +414,10 @@ def _plot_curves(workdir: str) -> None:
 
 
 def _format_metrics(values: dict[str, float]) -> str:
-  return "  ".join(f"{k} {values[k]:.4f}" for k in METRICS if k in values)
+  text = "  ".join(f"{k} {values[k]:.4f}" for k in METRICS if k in values)
+  per_class = [f"{k[4:]} {v:.4f}" for k, v in values.items()
+               if k.startswith("dsc/")]
+  return text + (f"  (dsc: {', '.join(per_class)})" if per_class else "")
 
 
 def _log(message: str) -> None:

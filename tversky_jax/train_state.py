@@ -9,6 +9,7 @@ prediction.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -19,14 +20,54 @@ from flax import nnx
 from tversky_jax import losses
 from tversky_jax import parallel
 from tversky_jax.configuration import DTYPES
+from tversky_jax.data import augmentation
 from tversky_jax.models import unet3d
 
 TrainState = Any  # nnx.State of (model, optimizer)
 
 
-def build_model(config: ml_collections.ConfigDict, in_channels: int,
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the network's shape depends on besides ``config.model``.
+
+  Stored with every checkpoint, so that prediction rebuilds the same network.
+
+  Attributes:
+    in_channels: input channels (the dataset's modalities).
+    num_classes: softmax classes, background included.
+    strides: per-stage pooling strides ``((sx, sy, sz), ...)``; None:
+      ``config.model.depth`` stages of 2x2x2 (the paper's network).
+    head_bias: initial bias of the last convolution (one per class), or
+      None for zeros.
+  """
+
+  in_channels: int
+  num_classes: int = 2
+  strides: tuple[tuple[int, int, int], ...] | None = None
+  head_bias: tuple[float, ...] | None = None
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "ModelSpec":
+    strides = values.get("strides")
+    bias = values.get("head_bias")
+    return cls(int(values["in_channels"]), int(values.get("num_classes", 2)),
+               tuple(tuple(int(v) for v in s) for s in strides)
+               if strides else None,
+               tuple(float(b) for b in bias) if bias else None)
+
+  def divisors(self, depth: int) -> tuple[int, int, int]:
+    """Every spatial input size must be a multiple of these, per axis
+    (``depth`` stages of 2x2x2 pooling when there are no ``strides``)."""
+    return unet3d.required_divisors(
+        self.strides or unet3d.default_strides(depth))
+
+
+def build_model(config: ml_collections.ConfigDict, spec: ModelSpec,
                 seed: int) -> unet3d.UNet3D:
-  """The U-Net of ``config.model`` for ``in_channels`` input channels.
+  """The U-Net of ``config.model`` with the shape of ``spec``.
 
   ``model.conv_impl="auto"`` picks the three-2D-convolution form of the 3x3x3
   convolutions on CPU (3-4x faster there, see bench/bench_conv3d.py) and the
@@ -39,18 +80,26 @@ def build_model(config: ml_collections.ConfigDict, in_channels: int,
   # compiles a kernel per parameter shape (~30 s for the paper's network on
   # CPU); only the initial values depend on it.
   return unet3d.UNet3D(
-      in_channels=in_channels, num_classes=2,
-      base_features=config.model.base_features, depth=config.model.depth,
-      normalization=config.model.normalization,
+      in_channels=spec.in_channels, num_classes=spec.num_classes,
+      base_features=config.model.base_features,
+      depth=None if spec.strides else config.model.depth,
+      strides=spec.strides, normalization=config.model.normalization,
+      init=config.model.get("init", "lecun"), head_bias_init=spec.head_bias,
       dtype=DTYPES[config.model.dtype], conv_impl=conv_impl,
       rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Learning rate x ``decay_rate`` every ``decay_steps`` steps (staircase)."""
+  """Learning rate: linear warm-up from 0 over ``warmup_steps``, then x
+  ``decay_rate`` every ``decay_steps`` steps (staircase; the paper's)."""
   opt = config.optimizer
-  return optax.exponential_decay(opt.learning_rate, opt.decay_steps,
-                                 opt.decay_rate, staircase=True)
+  warmup = opt.get("warmup_steps", 0)
+  if not warmup:
+    return optax.exponential_decay(opt.learning_rate, opt.decay_steps,
+                                   opt.decay_rate, staircase=True)
+  return optax.warmup_exponential_decay_schedule(
+      0.0, opt.learning_rate, warmup, opt.decay_steps, opt.decay_rate,
+      staircase=True)
 
 
 def make_optimizer(config: ml_collections.ConfigDict
@@ -75,7 +124,10 @@ def make_optimizer(config: ml_collections.ConfigDict
 
 def make_loss_fn(config: ml_collections.ConfigDict
                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """``loss(logits [b, x, y, z, 2], labels [b, x, y, z]) -> scalar``.
+  """``loss(logits [b, x, y, z, K], labels [b, x, y, z]) -> scalar``.
+
+  Softmax over the K classes; the background (class 0) is left out of the
+  Tversky terms (and kept in the cross-entropy of ``tversky_ce``).
 
   alpha weighs false positives and beta false negatives (Salehi et al.).
   """
@@ -93,34 +145,57 @@ def make_loss_fn(config: ml_collections.ConfigDict
       logits, labels, ce_weight=cfg.ce_weight, **common)
 
 
-def create_train_state(config: ml_collections.ConfigDict, in_channels: int,
-                       mesh: jax.sharding.Mesh
+def create_train_state(config: ml_collections.ConfigDict,
+                       spec: ModelSpec | int, mesh: jax.sharding.Mesh
                        ) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises model and optimizer, replicated over ``mesh``.
+
+  Args:
+    config: ``model`` and ``optimizer`` keys of ``configs/default.py``.
+    spec: the network's :class:`ModelSpec` (an int: that many input channels,
+      two classes, ``config.model.depth`` stages of 2x2x2 pooling).
+    mesh: the devices to replicate over.
 
   Returns the graph definition (static structure) and the state pytree that
   the jitted step consumes and returns.
   """
-  model = build_model(config, in_channels, config.seed)
+  spec = ModelSpec(spec) if isinstance(spec, int) else spec
+  model = build_model(config, spec, config.seed)
   optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   return graphdef, parallel.replicate(state, mesh)
 
 
+# Separates the augmentation's random stream from every other use of the seed.
+_AUGMENT_STREAM = 0x61756700
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable,
-                    mesh: jax.sharding.Mesh):
+                    mesh: jax.sharding.Mesh,
+                    augment: augmentation.AugmentConfig | None = None,
+                    seed: int = 0):
   """One jitted, donated, data-parallel optimisation step.
 
   ``step(state, batch) -> (state, {"loss", "grad_norm"})`` with ``batch`` =
   ``{"image": [B, x, y, z, c], "label": [B, x, y, z]}`` sharded over the
-  mesh's ``"data"`` axis and ``state`` replicated.
+  mesh's ``"data"`` axis and ``state`` replicated. With ``augment``, the
+  batch is augmented on the device first (:func:`augmentation.augment`),
+  with a key drawn from ``seed`` and the optimizer's step counter, so a
+  resumed run sees exactly the augmentations of an uninterrupted one.
   """
+  augmenting = augment is not None and not augment.is_identity
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    image, label = batch["image"], batch["label"]
+    if augmenting:
+      key = jax.random.fold_in(
+          jax.random.fold_in(jax.random.key(seed), _AUGMENT_STREAM),
+          optimizer.step[...])
+      image, label = augmentation.augment(key, image, label, augment)
 
     def loss_of(model):
-      return loss_fn(model(batch["image"]), batch["label"])
+      return loss_fn(model(image), label)
 
     loss, grads = nnx.value_and_grad(loss_of)(model)
     optimizer.update(model, grads)
@@ -133,7 +208,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable,
 
 
 def make_logits_fn(graphdef: nnx.GraphDef):
-  """Jitted ``logits(state, images [n, x, y, z, c]) -> [n, x, y, z, 2]``."""
+  """Jitted ``logits(state, images [n, x, y, z, c]) -> [n, x, y, z, K]``."""
 
   @jax.jit
   def logits(state, images):

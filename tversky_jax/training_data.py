@@ -1,13 +1,19 @@
-"""The training run's data: the dataset, its split, and the cases in memory.
+"""The training run's data: the dataset, its split, plan and cases in memory.
 
 :func:`prepare_dataset` reads (or writes the phantoms of) ``config.data.root``
 and validates every case; :func:`split_cases` and :func:`held_out_cases` say
 which cases train, validate, and are held out as a cross-validation test fold
-that training never sees.
+that training never sees. :func:`load` does all of it and, with
+``data.preprocess`` (the default), plans the dataset (target spacing,
+normalisation per modality; :mod:`tversky_jax.data.planning`) and trains
+from the preprocessed cache (:mod:`tversky_jax.data.preprocessing`);
+validation cases keep their original label so that validation scores the
+prediction on each scan's own grid, as ``tversky-predict`` writes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -18,7 +24,101 @@ import numpy as np
 
 from tversky_jax.configuration import ConfigError
 from tversky_jax.data import nifti
+from tversky_jax.data import pipeline
+from tversky_jax.data import planning
+from tversky_jax.data import preprocessing
 from tversky_jax.data import synthetic
+
+
+@dataclasses.dataclass
+class ValidationCase:
+  """A validation case: the network's input and the reference to score.
+
+  Attributes:
+    case_id: the case.
+    image: ``float32 [x, y, z, c]`` as the network sees it (normalised, and
+      resampled to the plan's spacing when preprocessing).
+    label: ``uint8 [X, Y, Z]`` on the scan's own grid.
+    meta: how ``image`` maps back to the scan's grid; None when it is that
+      grid already.
+  """
+
+  case_id: str
+  image: np.ndarray
+  label: np.ndarray
+  meta: preprocessing.CaseMeta | None = None
+
+
+@dataclasses.dataclass
+class TrainingData:
+  """Everything :func:`load` prepares for a training run."""
+
+  dataset: nifti.Dataset
+  plan: planning.Plan | None
+  num_classes: int
+  train_cases: list[pipeline.TrainingCase]
+  val_cases: list[ValidationCase]
+
+
+def num_classes_of(dataset: nifti.Dataset) -> int:
+  """Classes of the softmax: every label value of dataset.json, 0 included."""
+  return int(max(dataset.label_values)) + 1
+
+
+def load(config: ml_collections.ConfigDict, workdir: str,
+         progress: bool = True) -> TrainingData:
+  """Reads, validates, (plans and preprocesses) and loads the run's cases.
+
+  Args:
+    config: ``data.*`` keys of ``configs/default.py``.
+    workdir: the run's folder; the preprocessed cache goes to
+      ``data.cache_dir`` or, when that is empty, ``workdir/preprocessed``.
+    progress: progress bars (process 0 only).
+  """
+  dataset, train_ids, val_ids = prepare_dataset(config)
+  num_classes = num_classes_of(dataset)
+  progress = progress and jax.process_index() == 0
+  if not config.data.preprocess:
+    train = pipeline.load_training_cases(dataset, train_ids, progress=progress,
+                                         num_classes=num_classes)
+    val = [ValidationCase(c.case_id, c.image, c.label) for c in
+           pipeline.load_training_cases(dataset, val_ids, progress=progress,
+                                        num_classes=num_classes)
+           ] if val_ids else []
+    return TrainingData(dataset, None, num_classes, train, val)
+  plan, folder = _plan_and_preprocess(config, dataset, workdir, progress)
+  train = pipeline.load_preprocessed_cases(folder, train_ids, num_classes,
+                                           progress=progress)
+  val = []
+  for case_id in val_ids:
+    image, _, meta = preprocessing.load_preprocessed(folder, case_id)
+    label = nifti.load_case(dataset, case_id).label
+    val.append(ValidationCase(case_id, np.asarray(image), label, meta))
+  return TrainingData(dataset, plan, num_classes, train, val)
+
+
+def _plan_and_preprocess(config, dataset, workdir, progress):
+  """(plan, folder of the cached cases); process 0 writes, the others wait."""
+  out_dir = config.data.cache_dir or os.path.join(workdir, "preprocessed")
+  options = planning.PlanOptions(
+      base_features=config.model.base_features,
+      normalization=tuple(config.data.normalization) or None)
+  try:
+    if jax.process_index() == 0:
+      plan, _ = planning.plan_dataset(dataset, out_dir, options,
+                                      progress=progress)
+      summary = preprocessing.preprocess_dataset(dataset, plan, out_dir,
+                                                 progress=progress)
+      if summary.built:
+        _log(f"Preprocessed {len(summary.built)} case(s) into "
+             f"{summary.folder} (target spacing "
+             f"{'x'.join(f'{s:g}' for s in plan.target_spacing)} mm).")
+    _sync_processes("preprocessed")
+    plan = planning.load_plan(out_dir)
+  except (planning.MemoryBudgetError, OSError) as error:
+    raise ConfigError(f"config.data.cache_dir={out_dir!r}: cannot plan or "
+                      f"preprocess there ({error})") from None
+  return plan, os.path.join(out_dir, preprocessing.CASES_DIR)
 
 
 def prepare_dataset(config: ml_collections.ConfigDict
@@ -85,12 +185,6 @@ def split_cases(cases: Sequence[str], config: ml_collections.ConfigDict
         f"{where}; at least one must remain for training.")
   split = len(cases) - num_val
   return cases[:split], cases[split:]
-
-
-def whole_volume_shape(cases, divisor: int) -> tuple[int, int, int]:
-  """The largest case's spatial shape, rounded up to multiples of divisor."""
-  largest = np.max([case.image.shape[:3] for case in cases], axis=0)
-  return tuple(int(-(-s // divisor) * divisor) for s in largest)
 
 
 def _sync_processes(name: str) -> None:

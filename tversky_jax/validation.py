@@ -1,4 +1,11 @@
-"""Validation during training: whole-volume inference and the paper's metrics."""
+"""Whole-volume inference and its scores, shared by validation and predict.
+
+:func:`class_probabilities` runs the sliding window over one image as the
+network sees it; :func:`segment` turns probabilities into a label map;
+:func:`evaluate_cases` scores validation cases on each scan's own grid with
+the project's one per-case evaluator (:func:`tversky_jax.evaluate.
+evaluate_case`, one-vs-rest per foreground class).
+"""
 
 from __future__ import annotations
 
@@ -8,53 +15,107 @@ import jax
 import ml_collections
 import numpy as np
 
+from tversky_jax import evaluate
 from tversky_jax import inference
-from tversky_jax import metrics as metrics_lib
 from tversky_jax.configuration import METRICS
-from tversky_jax.data import pipeline
+from tversky_jax.data import preprocessing
+
+
+def class_probabilities(image: np.ndarray, logits_fn: Callable,
+                        window: Sequence[int], *, overlap: float,
+                        batch_size: int, mirror: bool = False,
+                        devices: Sequence[jax.Device] | None = None,
+                        progress: bool = False) -> np.ndarray:
+  """Sliding-window softmax probabilities ``float32 [x, y, z, K]``.
+
+  ``image`` is ``[x, y, z, channels]`` (channels last, NIfTI axis order),
+  normalised (and resampled) as the training data were.
+  """
+  return inference.sliding_window_inference(
+      logits_fn, image, window=tuple(window), overlap=overlap,
+      batch_size=batch_size, mirror=mirror, progress=progress,
+      devices=devices)
 
 
 def lesion_probability(image: np.ndarray, logits_fn: Callable,
                        config: ml_collections.ConfigDict, window: Sequence[int],
                        devices: Sequence[jax.Device] | None = None,
                        progress: bool = False) -> np.ndarray:
-  """Sliding-window lesion probability ``[x, y, z]`` of one normalised image.
+  """``1 - p(background)`` ``[x, y, z]`` of one image, with the sliding
+  window settings of ``config.inference``."""
+  inf = config.inference
+  return 1.0 - class_probabilities(
+      image, logits_fn, window, overlap=inf.overlap,
+      batch_size=inf.batch_size, mirror=inf.mirror, devices=devices,
+      progress=progress)[..., 0]
 
-  ``image`` is ``[x, y, z, channels]`` (channels last, NIfTI axis order),
-  already normalised with :func:`tversky_jax.data.nifti.normalize_image`.
+
+def segment(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """uint8 label map ``[x, y, z]`` of class probabilities ``[x, y, z, K]``.
+
+  Two classes: 1 where ``p(class 1) >= threshold`` (the paper's rule, 0.5).
+  More: the most probable class.
   """
-  probabilities = inference.sliding_window_inference(
-      logits_fn, image, window=tuple(window), overlap=config.inference.overlap,
-      batch_size=config.inference.batch_size, mirror=config.inference.mirror,
-      progress=progress, devices=devices)
-  return 1.0 - probabilities[..., 0]
+  if probabilities.shape[-1] == 2:
+    return (probabilities[..., 1] >= threshold).astype(np.uint8)
+  return np.argmax(probabilities, axis=-1).astype(np.uint8)
 
 
-def evaluate_cases(cases: Sequence[pipeline.TrainingCase], logits_fn: Callable,
+def evaluate_cases(cases: Sequence, logits_fn: Callable,
                    config: ml_collections.ConfigDict, window: Sequence[int],
+                   class_names: Sequence[str],
                    devices: Sequence[jax.Device] | None = None
                    ) -> dict[str, float]:
-  """The paper's metrics on whole validation volumes.
+  """The paper's metrics of whole validation volumes, on each scan's grid.
 
-  Returns the mean over cases of DSC, sensitivity, specificity, precision, F2
-  and APR (APR averaged over the cases that contain lesions), and the same
-  metrics pooled over all voxels of all cases under ``pooled_*`` keys.
+  Args:
+    cases: :class:`tversky_jax.training_data.ValidationCase` s; a case with
+      ``meta`` has its probabilities resampled back to its scan's grid
+      before they are segmented and scored.
+    logits_fn: ``images [n, x, y, z, c] -> logits [n, x, y, z, K]``.
+    config: ``inference.*`` keys (overlap, batch size, mirror, threshold).
+    window: the sliding window.
+    class_names: one per class, background first.
+    devices: the devices the windows are spread over.
+
+  Returns:
+    For two classes the keys of :data:`METRICS` (mean over cases; APR over
+    the cases with lesions) and ``pooled_*`` (over all voxels of all cases).
+    For more, the same per foreground class as ``dsc/NAME`` and
+    ``pooled_dsc/NAME``, and their mean over the foreground classes under
+    the plain names (what ``train.best_metric`` ranks).
   """
-  threshold = config.inference.threshold
-  per_case, probs, labels = [], [], []
+  inf = config.inference
+  per_class = {k: ([], [], []) for k in range(1, len(class_names))}
   for case in cases:
-    prob = lesion_probability(case.image, logits_fn, config, window, devices)
-    label = (case.label != 0).astype(np.int32)  # lesion vs. the rest
-    values = metrics_lib.all_metrics(prob[None], label[None],
-                                     threshold=threshold)
-    per_case.append({k: float(v[0]) for k, v in values.items()})
-    probs.append(prob.ravel())
-    labels.append(label.ravel())
-  result = {name: float(np.nanmean([c[name] for c in per_case]))
-            if per_case else float("nan") for name in METRICS}
-  if per_case:
-    pooled = metrics_lib.all_metrics(np.concatenate(probs)[None],
-                                     np.concatenate(labels)[None],
-                                     threshold=threshold, pooled=True)
-    result.update({f"pooled_{k}": float(v) for k, v in pooled.items()})
+    probs = class_probabilities(
+        case.image, logits_fn, window, overlap=inf.overlap,
+        batch_size=inf.batch_size, mirror=inf.mirror, devices=devices)
+    if case.meta is not None:
+      probs = preprocessing.resample_to_original(probs, case.meta)
+    prediction = segment(probs, inf.threshold)
+    for k, (results, scores, refs) in per_class.items():
+      reference = case.label == k
+      results.append(evaluate.evaluate_case(
+          prediction == k, reference, probs[..., k], case.case_id))
+      scores.append(probs[..., k].ravel())
+      refs.append(reference.ravel())
+  values = {k: _summary(*lists) for k, lists in per_class.items()}
+  if len(class_names) == 2:
+    return values[1]
+  result = {f"{name}/{class_names[k]}": value
+            for k, summary in values.items() for name, value in summary.items()}
+  for name in values[1]:
+    result[name] = float(np.nanmean([s[name] for s in values.values()]))
   return result
+
+
+def _summary(results, scores, refs) -> dict[str, float]:
+  """Mean over cases and pooled values of :data:`METRICS`."""
+  if not results:
+    return {name: float("nan") for name in METRICS}
+  mean = evaluate._mean(results)  # pylint: disable=protected-access
+  pooled = evaluate._pooled(results, scores, refs, {})  # pylint: disable=protected-access
+  values = {name: mean[name] for name in METRICS}
+  values.update({f"pooled_{name}": pooled[name] for name in METRICS})
+  return values

@@ -529,6 +529,30 @@ def pool_topology(
   return tuple(num_pool), tuple(strides), patch  # type: ignore[return-value]
 
 
+def stage_strides(spacing: Sequence[float], depth: int
+                  ) -> tuple[tuple[int, int, int], ...]:
+  """Per-axis pooling strides of a U-Net of ``depth`` stages for ``spacing``.
+
+  The rule of :func:`pool_topology` for a fixed number of stages: a stage
+  pools (stride 2) every axis whose current spacing is less than twice the
+  finest current spacing, and leaves the others (stride 1), so the coarse
+  axis of anisotropic data waits until the others have caught up. Isotropic
+  data gives ``((2, 2, 2),) * depth``.
+
+  Args:
+    spacing: ``(sx, sy, sz)`` in mm.
+    depth: number of poolings.
+  """
+  current = [float(s) for s in spacing]
+  strides = []
+  for _ in range(depth):
+    finest = min(current)
+    stage = tuple(2 if c / finest < 2 else 1 for c in current)
+    current = [c * s for c, s in zip(current, stage)]
+    strides.append(stage)
+  return tuple(strides)  # type: ignore[return-value]
+
+
 def features_per_stage(num_stages: int, base_features: int,
                        max_features: int | None = None) -> tuple[int, ...]:
   """``base * 2**stage``, capped at `max_features` when given."""

@@ -68,7 +68,6 @@ from tversky_jax import evaluate
 from tversky_jax import predict
 from tversky_jax import train_lib
 from tversky_jax.data import nifti
-from tversky_jax.data import pipeline
 from tversky_jax.data import synthetic
 
 RESULT_FILE = "result.json"
@@ -293,15 +292,17 @@ def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
   predictor = predict.load_predictor(run_dir, checkpoint="latest",
                                      channel_names=dataset.channel_names,
                                      devices=devices)
-  cases = pipeline.load_training_cases(dataset, held_out, progress=False)
   rows, probs, labels = [], {}, {}
-  for case in cases:
-    prob = predictor.predict_probability(case.image)
-    result = evaluate.evaluate_case(predictor.predict_mask(prob), case.label,
-                                    prob, case.case_id)
+  for case_id in held_out:
+    # As tversky-predict does it: preprocessed as in training, the lesion
+    # probability back on the scan's own grid.
+    prob, _, _ = predictor.predict_files(dataset.image_paths(case_id))
+    label = nifti.load_case(dataset, case_id).label
+    result = evaluate.evaluate_case(predictor.predict_mask(prob), label,
+                                    prob, case_id)
     rows.append(result.row())
-    probs[case.case_id] = prob.astype(np.float32)
-    labels[case.case_id] = case.label.astype(np.uint8)
+    probs[case_id] = prob.astype(np.float32)
+    labels[case_id] = (label != 0).astype(np.uint8)
   np.savez_compressed(
       os.path.join(run_dir, HELDOUT_FILE),
       case_ids=np.array(list(probs)),

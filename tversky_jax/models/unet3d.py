@@ -14,6 +14,15 @@ al. 2016, with padded convolutions so input and output grids coincide):
 The paper puts a softmax after the last convolution; here the model returns
 the logits (always float32) and the losses apply the softmax themselves.
 
+Beyond the paper (all off by default, so the default network and its
+parameter tree are the paper's): per-stage pooling strides for anisotropic
+data (``strides``, e.g. ``((2, 2, 1), (2, 2, 2), ...)``: a coarse z axis is
+not pooled until the others have caught up, as in nnU-Net; the max-pooling
+window and the transposed convolution's kernel equal the stage's strides),
+explicit features per stage (``features_per_stage``), He initialisation
+(``init="he"``), a leaky ReLU (``activation="leaky_relu"``) and a chosen
+initial bias of the last convolution (``head_bias_init``).
+
 Arrays are channels-last, ``[batch, x, y, z, channels]``: the spatial axes are
 in NIfTI voxel order (the order nibabel returns), with the channels (e.g. T1,
 T2, FLAIR) appended last.
@@ -25,6 +34,10 @@ Example::
   >>> model = UNet3D(in_channels=3, depth=3, rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((1, 16, 16, 16, 3))).shape
   (1, 16, 16, 16, 2)
+  >>> model = UNet3D(in_channels=1, strides=((2, 2, 1), (2, 2, 2)),
+  ...                rngs=nnx.Rngs(0))
+  >>> model(jnp.zeros((1, 16, 16, 4, 1))).shape
+  (1, 16, 16, 4, 2)
 """
 
 from __future__ import annotations
@@ -42,9 +55,22 @@ from jax import lax
 Array = jax.Array
 Normalization = Literal["none", "group", "instance", "batch"]
 ConvImpl = Literal["native", "2d_sum"]
+Init = Literal["lecun", "he"]
+Activation = Literal["relu", "leaky_relu"]
+Strides = tuple[tuple[int, int, int], ...]
 
 NORMALIZATIONS: tuple[str, ...] = ("none", "group", "instance", "batch")
 CONV_IMPLS: tuple[str, ...] = ("native", "2d_sum")
+INITS: tuple[str, ...] = ("lecun", "he")
+ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu")
+
+# Negative slope of activation="leaky_relu" (nnU-Net's).
+LEAKY_RELU_SLOPE = 0.01
+
+# Defaults of UNet3D when neither ``strides`` nor ``features_per_stage`` says
+# otherwise.
+DEFAULT_DEPTH = 4
+DEFAULT_BASE_FEATURES = 16
 
 # Upper bound on the number of groups of the "group" normalization (Wu & He
 # 2018 use 32 groups for 2D nets with >= 64 channels; U-Net levels here start
@@ -52,17 +78,150 @@ CONV_IMPLS: tuple[str, ...] = ("native", "2d_sum")
 _MAX_GROUPS = 8
 
 _NDHWC = ("NDHWC", "DHWIO", "NDHWC")
+_AXES = ("x", "y", "z")
 
 
 def required_divisor(depth: int) -> int:
   """Returns the number every spatial size must be divisible by: ``2**depth``.
 
-  Each of the ``depth`` max-poolings halves the grid, and the transposed
-  convolutions must restore exactly the size of the skip connection.
+  For the default strides (``depth`` stages of ``(2, 2, 2)``): each of the
+  ``depth`` max-poolings halves the grid, and the transposed convolutions
+  must restore exactly the size of the skip connection. With per-stage
+  strides use ``required_divisors(strides)``.
   """
   if depth < 0:
     raise ValueError(f"depth must be >= 0, got {depth}.")
   return 2**depth
+
+
+def default_strides(depth: int) -> Strides:
+  """The paper's pooling: ``depth`` stages of ``(2, 2, 2)``."""
+  if depth < 0:
+    raise ValueError(f"depth must be >= 0, got {depth}.")
+  return ((2, 2, 2),) * depth
+
+
+def validate_strides(strides: Sequence[Sequence[int]]) -> Strides:
+  """Checks per-stage pooling strides and returns them as a tuple of tuples.
+
+  Args:
+    strides: one ``(sx, sy, sz)`` per pooling stage, finest first (e.g.
+      ``Plan.pool_strides``); each entry 1 (that axis is not pooled at the
+      stage) or 2, and every stage pools at least one axis. ``[]`` is a
+      U-Net without pooling.
+
+  Returns:
+    ``((sx, sy, sz), ...)`` as Python ints.
+
+  Raises:
+    ValueError: naming the first bad stage.
+  """
+  try:
+    if isinstance(strides, (str, bytes)):
+      raise TypeError
+    strides = list(strides)  # also a numpy array
+  except TypeError:
+    raise ValueError(
+        f"strides must be a sequence of (sx, sy, sz) per pooling stage, got "
+        f"{strides!r}.") from None
+  result = []
+  for stage, stride in enumerate(strides):
+    try:
+      values = [int(s) for s in stride]
+      ok = len(values) == 3 and all(
+          v == s and v in (1, 2) for v, s in zip(values, stride))
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(
+          f"strides[{stage}]={stride!r}: expected 3 strides (x, y, z), each 1 "
+          "or 2.")
+    if values == [1, 1, 1]:
+      raise ValueError(
+          f"strides[{stage}]={stride!r}: a stage must pool at least one axis "
+          "(stride 2).")
+    result.append(tuple(values))
+  return tuple(result)
+
+
+def required_divisors(strides: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+  """Per axis ``(x, y, z)``, the number the spatial size must be divisible by.
+
+  The product over the stages of that axis's strides: every max-pooling must
+  see an exact multiple of its window, and the transposed convolutions must
+  restore exactly the size of the skip connections. E.g.
+  ``required_divisors([[2, 2, 1], [2, 2, 2]]) == (4, 4, 2)``;
+  ``required_divisors(default_strides(d)) == (2**d,) * 3``.
+  """
+  divisors = [1, 1, 1]
+  for stride in validate_strides(strides):
+    for axis, s in enumerate(stride):
+      divisors[axis] *= s
+  return tuple(divisors)  # type: ignore[return-value]
+
+
+def kernel_initializer(
+    init: str, activation: str = "relu"
+) -> nnx.Initializer:
+  """The initialiser of a convolution kernel ``[kx, ky, kz, in, out]``.
+
+  "lecun": ``nnx.Conv``'s default, LeCun normal (truncated normal, variance
+  ``1 / fan_in``, ``fan_in = kx * ky * kz * in``). "he": He et al. 2015
+  (Kaiming normal, fan-in mode, truncated normal rescaled to the same
+  variance), variance ``2 / fan_in`` for a ReLU and ``2 / ((1 + slope**2)
+  fan_in)`` for a leaky ReLU.
+  """
+  if init == "lecun":
+    return nnx.initializers.lecun_normal()
+  if init == "he":
+    return nnx.initializers.variance_scaling(
+        _he_scale(activation), "fan_in", "truncated_normal")
+  raise ValueError(f"Unknown init {init!r}; expected one of {INITS}.")
+
+
+def upconv_kernel_initializer(
+    init: str, activation: str = "relu"
+) -> nnx.Initializer:
+  """The initialiser of a transposed-convolution kernel ``[sx, sy, sz, in, out]``.
+
+  "lecun": ``nnx.ConvTranspose``'s default (LeCun normal with ``fan_in = sx *
+  sy * sz * in``). "he": variance ``2 / in`` (leaky ReLU: ``2 / ((1 +
+  slope**2) in)``): with kernel = stride the output blocks do not overlap,
+  so every output voxel sums exactly ``in`` products and ``in`` is the true
+  fan-in (the kernel's spatial axes are excluded from it).
+  """
+  if init == "lecun":
+    return nnx.initializers.lecun_normal()
+  if init == "he":
+    return nnx.initializers.variance_scaling(
+        _he_scale(activation), "fan_in", "truncated_normal",
+        batch_axis=(0, 1, 2))
+  raise ValueError(f"Unknown init {init!r}; expected one of {INITS}.")
+
+
+def _he_scale(activation: str) -> float:
+  if activation == "relu":
+    return 2.0
+  if activation == "leaky_relu":
+    return 2.0 / (1.0 + LEAKY_RELU_SLOPE**2)
+  raise ValueError(
+      f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+
+
+def _constant_init(values: Sequence[float]) -> nnx.Initializer:
+  """An initialiser returning ``values`` (for a bias of ``len(values)``)."""
+
+  def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    del key
+    return jnp.broadcast_to(jnp.asarray(values, dtype), shape)
+
+  return init
+
+
+def _activate(x: Array, activation: str) -> Array:
+  if activation == "leaky_relu":
+    return nnx.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE)
+  return nnx.relu(x)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -148,18 +307,35 @@ def conv3d_as_2d_sum(
   return out.reshape(b, out_x, *out.shape[1:])
 
 
+def _max_pool(x: Array, window: Sequence[int]) -> Array:
+  """Max-pooling with window = stride ``(wx, wy, wz)``, as a reshape + max.
+
+  ``[b, x, y, z, c] -> [b, x/wx, y/wy, z/wz, c]``. On XLA:CPU 2-6x faster
+  forward+backward than ``lax.reduce_window`` and its ``select_and_scatter``
+  gradient (``bench/bench_conv3d.py``). Same values; the gradient differs
+  only at ties (shared among the tied maxima instead of going to one), which
+  after a ReLU are zeros that get no gradient anyway. Sizes must be
+  multiples of the window; axes with window 1 are left alone.
+  """
+  b, *sizes, c = x.shape
+  shape, axes = [b], []
+  for size, w in zip(sizes, window):
+    if w == 1:
+      shape.append(size)
+    else:
+      shape += [size // w, w]
+      axes.append(len(shape) - 1)
+  if not axes:
+    return x
+  return jnp.max(x.reshape(*shape, c), axis=tuple(axes))
+
+
 def _max_pool_2x(x: Array) -> Array:
   """2x2x2 max-pooling, stride 2: ``[b, x, y, z, c] -> [b, x/2, y/2, z/2, c]``.
 
-  A reshape + max; on XLA:CPU 2-6x faster forward+backward than
-  ``lax.reduce_window`` and its ``select_and_scatter`` gradient. Same values;
-  the gradient differs only at ties (shared among the tied maxima instead of
-  going to one), which after a ReLU are zeros that get no gradient anyway.
-  Sizes must be even.
+  ``_max_pool(x, (2, 2, 2))``; sizes must be even.
   """
-  b, sx, sy, sz, c = x.shape
-  x = x.reshape(b, sx // 2, 2, sy // 2, 2, sz // 2, 2, c)
-  return jnp.max(x, axis=(2, 4, 6))
+  return _max_pool(x, (2, 2, 2))
 
 
 def _make_norm(
@@ -183,32 +359,50 @@ def _make_norm(
       f"Unknown normalization {kind!r}; expected one of {NORMALIZATIONS}.")
 
 
+def conv_transpose_strided(x: Array, kernel: Array) -> Array:
+  """Transposed convolution with kernel = stride, as one einsum.
+
+  ``x: [b, x, y, z, in]``, ``kernel: [sx, sy, sz, in, out]`` (the strides are
+  the kernel's spatial shape, each 1 or more); returns ``[b, sx * x, sy * y,
+  sz * z, out]``. Equals ``lax.conv_transpose(x, kernel, (sx, sy, sz),
+  "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))``. Since the kernel
+  equals the stride the output blocks do not overlap: ``out[s * v + (i, j,
+  k)] = x[v] @ kernel[sx - 1 - i, sy - 1 - j, sz - 1 - k]``
+  (``lax.conv_transpose`` does not flip the kernel, hence the ``s - 1 - i``).
+  Exact, and for (2, 2, 2) 40-80x faster forward+backward than
+  ``lax.conv_transpose`` on XLA:CPU (``bench/bench_conv3d.py``).
+  """
+  b, nx, ny, nz, _ = x.shape
+  sx, sy, sz = kernel.shape[:3]
+  y = jnp.einsum("bxyzc,ijkcd->bxiyjzkd", x, kernel[::-1, ::-1, ::-1])
+  return y.reshape(b, sx * nx, sy * ny, sz * nz, kernel.shape[-1])
+
+
 def conv_transpose_2x(x: Array, kernel: Array) -> Array:
   """2x2x2 transposed convolution with stride 2, as one einsum.
 
-  Equals ``lax.conv_transpose(x, kernel, (2, 2, 2), "SAME",
-  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))`` for
-  ``x: [b, x, y, z, in]``, ``kernel: [2, 2, 2, in, out]``; returns
-  ``[b, 2x, 2y, 2z, out]``. Since the kernel equals the stride the output
-  blocks do not overlap: ``out[2v + (i, j, k)] = x[v] @ kernel[1 - i, 1 - j,
-  1 - k]`` (``lax.conv_transpose`` does not flip the kernel, hence the
-  ``1 - i``). Exact, and 40-80x faster forward+backward than
-  ``lax.conv_transpose`` on XLA:CPU (``bench/bench_conv3d.py``).
+  ``conv_transpose_strided`` for ``kernel: [2, 2, 2, in, out]``: equals
+  ``lax.conv_transpose(x, kernel, (2, 2, 2), "SAME",
+  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))`` for ``x: [b, x, y, z,
+  in]``; returns ``[b, 2x, 2y, 2z, out]``.
   """
-  b, sx, sy, sz, _ = x.shape
-  y = jnp.einsum("bxyzc,ijkcd->bxiyjzkd", x, kernel[::-1, ::-1, ::-1])
-  return y.reshape(b, 2 * sx, 2 * sy, 2 * sz, kernel.shape[-1])
+  if tuple(kernel.shape[:3]) != (2, 2, 2):
+    raise ValueError(
+        f"conv_transpose_2x needs a [2, 2, 2, in, out] kernel, got shape "
+        f"{kernel.shape}; use conv_transpose_strided.")
+  return conv_transpose_strided(x, kernel)
 
 
 class UpConv(nnx.Module):
-  """2x2x2 transposed convolution with stride 2, computed as one matmul.
+  """Transposed convolution with kernel = stride, computed as one matmul.
 
-  ``[b, x, y, z, in_features] -> [b, 2x, 2y, 2z, out_features]``.
+  ``[b, x, y, z, in_features] -> [b, sx * x, sy * y, sz * z, out_features]``
+  for ``strides = (sx, sy, sz)`` (default ``(2, 2, 2)``, the paper's).
 
-  Same parameters (``kernel: [2, 2, 2, in, out]``, ``bias: [out]``), same
-  initialisation and same output as ``nnx.ConvTranspose(in, out,
-  kernel_size=(2, 2, 2), strides=(2, 2, 2), padding="SAME")``, computed by
-  ``conv_transpose_2x``.
+  Same parameters (``kernel: [sx, sy, sz, in, out]``, ``bias: [out]``), same
+  default initialisation and same output as ``nnx.ConvTranspose(in, out,
+  kernel_size=strides, strides=strides, padding="SAME")``, computed by
+  ``conv_transpose_strided``.
   """
 
   def __init__(
@@ -216,28 +410,34 @@ class UpConv(nnx.Module):
       in_features: int,
       out_features: int,
       *,
+      strides: Sequence[int] = (2, 2, 2),
+      kernel_init: nnx.Initializer | None = None,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.out_features = out_features
+    self.strides = tuple(int(s) for s in strides)
     self.dtype = dtype
     # nnx.ConvTranspose's default initialisers.
-    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(
-        rngs.params(), (2, 2, 2, in_features, out_features), param_dtype))
+    kernel_init = kernel_init or nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(kernel_init(
+        rngs.params(), (*self.strides, in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
 
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = promote_dtype(
         (x, self.kernel[...], self.bias[...]), dtype=self.dtype)
-    return conv_transpose_2x(x, kernel) + bias
+    return conv_transpose_strided(x, kernel) + bias
 
 
 class ConvBlock(nnx.Module):
   """Two 3x3x3 'SAME' convolutions, each followed by [normalization and] ReLU.
 
-  ``[b, x, y, z, in_features] -> [b, x, y, z, out_features]``.
+  ``[b, x, y, z, in_features] -> [b, x, y, z, out_features]``. The activation
+  is a ReLU or, with ``activation="leaky_relu"``, a leaky ReLU of slope
+  ``LEAKY_RELU_SLOPE``.
   """
 
   def __init__(
@@ -248,17 +448,21 @@ class ConvBlock(nnx.Module):
       normalization: str,
       dtype: Any,
       conv_impl: str,
+      kernel_init: nnx.Initializer | None = None,
+      activation: str = "relu",
       rngs: nnx.Rngs,
   ):
     conv_fn = conv3d_as_2d_sum if conv_impl == "2d_sum" else lax.conv_general_dilated
     # A bias in front of a normalization is cancelled by its mean subtraction.
     use_bias = normalization == "none"
+    kernel_init = kernel_init or nnx.initializers.lecun_normal()
+    self.activation = activation
 
     def conv(fin: int) -> nnx.Conv:
       return nnx.Conv(
           fin, out_features, kernel_size=(3, 3, 3), padding="SAME",
           use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-          conv_general_dilated=conv_fn, rngs=rngs)
+          kernel_init=kernel_init, conv_general_dilated=conv_fn, rngs=rngs)
 
     self.conv1 = conv(in_features)
     self.norm1 = _make_norm(normalization, out_features, dtype, rngs)
@@ -269,20 +473,24 @@ class ConvBlock(nnx.Module):
     x = self.conv1(x)
     if self.norm1 is not None:
       x = self.norm1(x)
-    x = nnx.relu(x)
+    x = _activate(x, self.activation)
     x = self.conv2(x)
     if self.norm2 is not None:
       x = self.norm2(x)
-    return nnx.relu(x)
+    return _activate(x, self.activation)
 
 
 class UpBlock(nnx.Module):
   """Expanding-path level: upsample, concatenate the skip, two convolutions.
 
-  ``x: [b, x, y, z, 2f]``, ``skip: [b, 2x, 2y, 2z, f]`` ->
-  ``[b, 2x, 2y, 2z, f]`` with ``f = features``. The 2x2x2 stride-2 transposed
-  convolution (``UpConv``) halves the features; the skip is concatenated
-  after it (upsampled features first, then the skip).
+  ``x: [b, x, y, z, in_features]``, ``skip: [b, sx * x, sy * y, sz * z, f]``
+  -> ``[b, sx * x, sy * y, sz * z, f]`` with ``f = features``,
+  ``in_features`` (default ``2 * features``, the paper's) the features of
+  the coarser stage and ``(sx, sy, sz) = strides`` (default ``(2, 2, 2)``)
+  the pooling strides between the two stages. The transposed convolution
+  (``UpConv``, kernel = stride) maps ``in_features`` to ``f``; the skip is
+  concatenated after it (upsampled features first, then the skip), so the
+  first convolution reads ``2 f`` features.
   """
 
   def __init__(
@@ -292,12 +500,20 @@ class UpBlock(nnx.Module):
       normalization: str,
       dtype: Any,
       conv_impl: str,
+      in_features: int | None = None,
+      strides: Sequence[int] = (2, 2, 2),
+      kernel_init: nnx.Initializer | None = None,
+      up_kernel_init: nnx.Initializer | None = None,
+      activation: str = "relu",
       rngs: nnx.Rngs,
   ):
-    self.up = UpConv(2 * features, features, dtype=dtype, rngs=rngs)
+    in_features = 2 * features if in_features is None else in_features
+    self.up = UpConv(in_features, features, strides=strides,
+                     kernel_init=up_kernel_init, dtype=dtype, rngs=rngs)
     self.block = ConvBlock(
         2 * features, features, normalization=normalization, dtype=dtype,
-        conv_impl=conv_impl, rngs=rngs)
+        conv_impl=conv_impl, kernel_init=kernel_init, activation=activation,
+        rngs=rngs)
 
   def __call__(self, x: Array, skip: Array) -> Array:
     x = self.up(x)
@@ -309,11 +525,16 @@ class UNet3D(nnx.Module):
 
   Input ``[batch, x, y, z, in_channels]`` (channels-last, spatial axes in NIfTI
   voxel order); output ``[batch, x, y, z, num_classes]`` float32 logits, no
-  softmax. Every spatial size must be divisible by
-  ``required_divisor(depth) = 2**depth``.
+  softmax. Every spatial size must be divisible by its axis's entry of
+  ``required_divisors(strides)`` (``2**depth`` on every axis for the default
+  strides).
 
-  Level ``l`` (``0 <= l <= depth``; ``l = depth`` is the bottleneck) has
-  ``base_features * 2**l`` features.
+  Stage ``l`` (``0 <= l <= depth``; ``l = depth`` is the bottleneck) has
+  ``features_per_stage[l]`` features, by default ``base_features * 2**l``.
+  Between stages ``l`` and ``l + 1`` the contracting path max-pools with
+  window = stride ``strides[l]`` and the expanding path upsamples with a
+  transposed convolution of kernel = stride ``strides[l]``; by default every
+  stride is ``(2, 2, 2)``, the paper's network.
 
   With ``normalization="batch"`` the model has two modes, switched in place
   as usual in NNX: ``model.train()`` (the default after construction) uses
@@ -331,6 +552,10 @@ class UNet3D(nnx.Module):
     bottleneck: the ``ConvBlock`` at the coarsest level.
     decoder: ``depth`` ``UpBlock`` s, coarsest level first.
     head: the final 1x1x1 convolution.
+    depth: the number of poolings, ``len(strides)``.
+    strides: ``((sx, sy, sz), ...)`` per pooling stage, finest first.
+    features_per_stage: features per stage, finest first (``depth + 1``).
+    base_features: ``features_per_stage[0]``.
   """
 
   def __init__(
@@ -338,11 +563,16 @@ class UNet3D(nnx.Module):
       *,
       in_channels: int,
       num_classes: int = 2,
-      base_features: int = 16,
-      depth: int = 4,
+      base_features: int | None = None,
+      depth: int | None = None,
       normalization: Normalization = "none",
       dtype: Any = jnp.float32,
       conv_impl: ConvImpl = "native",
+      strides: Sequence[Sequence[int]] | None = None,
+      features_per_stage: Sequence[int] | None = None,
+      init: Init = "lecun",
+      activation: Activation = "relu",
+      head_bias_init: Sequence[float] | None = None,
       rngs: nnx.Rngs,
   ):
     """Builds the network.
@@ -352,7 +582,10 @@ class UNet3D(nnx.Module):
         and FLAIR.
       num_classes: number of output logits per voxel (2 in the paper).
       base_features: features of the finest level; doubled per pooling.
+        Default 16, or ``features_per_stage[0]`` (giving both requires them
+        to agree).
       depth: number of max-poolings (and of transposed convolutions).
+        Default 4, or ``len(strides)`` (giving both requires them to agree).
       normalization: what follows each 3x3x3 convolution before its ReLU:
         "none" (the paper), "group" (GroupNorm, ``gcd(features, 8)`` groups),
         "instance" (InstanceNorm) or "batch" (BatchNorm, see the class
@@ -362,37 +595,100 @@ class UNet3D(nnx.Module):
       conv_impl: how the 3x3x3 convolutions are computed: "native"
         (``lax.conv_general_dilated``) or "2d_sum" (``conv3d_as_2d_sum``,
         faster on CPU). Same parameters, same results up to float rounding.
+      strides: pooling strides per stage, finest first, e.g.
+        ``Plan.pool_strides = ((2, 2, 1), (2, 2, 2), ...)``: each ``(sx, sy,
+        sz)`` entry 1 or 2, at least one 2 per stage (see
+        ``validate_strides``). None: ``depth`` stages of ``(2, 2, 2)``, the
+        paper's (and the same parameter tree as before strides existed).
+      features_per_stage: features of each of the ``depth + 1`` stages,
+        finest first (e.g. ``Plan.features_per_stage``, capped). None:
+        ``base_features * 2**stage``.
+      init: initialisation of every convolution kernel (3x3x3, transposed
+        and the 1x1x1 head): "lecun" (Flax's default, LeCun normal, variance
+        ``1 / fan_in``) or "he" (He et al. 2015, variance ``2 / fan_in``,
+        for ReLU networks; see ``kernel_initializer`` and
+        ``upconv_kernel_initializer``). Biases start at zero.
+      activation: "relu" (the paper) or "leaky_relu" (negative slope
+        ``LEAKY_RELU_SLOPE`` = 0.01, nnU-Net's).
+      head_bias_init: the initial bias of the final 1x1x1 convolution, one
+        value per class, e.g. ``log(class_frequencies)`` so the untrained
+        network predicts the class priors instead of ``1 / num_classes``.
+        None: zeros.
       rngs: random streams for the parameter initialisation.
 
     Raises:
-      ValueError: for an unknown ``normalization`` or ``conv_impl``, or
-        non-positive sizes.
+      ValueError: for an unknown ``normalization``, ``conv_impl``, ``init``
+        or ``activation``, non-positive sizes, bad ``strides`` or
+        ``features_per_stage``, ``depth`` / ``base_features`` disagreeing
+        with them, or a ``head_bias_init`` without ``num_classes`` finite
+        values.
     """
-    if normalization not in NORMALIZATIONS:
-      raise ValueError(
-          f"Unknown normalization {normalization!r}; expected one of "
-          f"{NORMALIZATIONS}.")
-    if conv_impl not in CONV_IMPLS:
-      raise ValueError(
-          f"Unknown conv_impl {conv_impl!r}; expected one of {CONV_IMPLS}.")
-    for name, value, low in (("in_channels", in_channels, 1),
-                             ("num_classes", num_classes, 1),
-                             ("base_features", base_features, 1),
-                             ("depth", depth, 0)):
-      if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}.")
+    for name, value, options in (("normalization", normalization, NORMALIZATIONS),
+                                 ("conv_impl", conv_impl, CONV_IMPLS),
+                                 ("init", init, INITS),
+                                 ("activation", activation, ACTIVATIONS)):
+      if value not in options:
+        raise ValueError(
+            f"Unknown {name} {value!r}; expected one of {options}.")
+    if strides is None:
+      depth = DEFAULT_DEPTH if depth is None else depth
+      if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}.")
+      strides = default_strides(depth)
+    else:
+      strides = validate_strides(strides)
+      if depth is not None and depth != len(strides):
+        raise ValueError(
+            f"depth={depth} disagrees with the {len(strides)} stages of "
+            f"strides={strides}; pass only one of them.")
+      depth = len(strides)
+    if features_per_stage is None:
+      base_features = (DEFAULT_BASE_FEATURES if base_features is None
+                       else base_features)
+      if base_features < 1:
+        raise ValueError(f"base_features must be >= 1, got {base_features}.")
+      features = tuple(base_features * 2**level for level in range(depth + 1))
+    else:
+      features = tuple(int(f) for f in features_per_stage)
+      if len(features) != depth + 1 or min(features) < 1:
+        raise ValueError(
+            f"features_per_stage={tuple(features_per_stage)}: expected "
+            f"depth + 1 = {depth + 1} positive feature counts (one per stage, "
+            "bottleneck included).")
+      if base_features is not None and base_features != features[0]:
+        raise ValueError(
+            f"base_features={base_features} disagrees with "
+            f"features_per_stage[0]={features[0]}; pass only one of them.")
+    for name, value in (("in_channels", in_channels),
+                        ("num_classes", num_classes)):
+      if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    bias_init = nnx.initializers.zeros_init()
+    if head_bias_init is not None:
+      head_bias = tuple(float(b) for b in head_bias_init)
+      if len(head_bias) != num_classes or not all(map(math.isfinite, head_bias)):
+        raise ValueError(
+            f"head_bias_init={tuple(head_bias_init)}: expected "
+            f"num_classes={num_classes} finite values (e.g. log class "
+            "frequencies).")
+      bias_init = _constant_init(head_bias)
 
     self.in_channels = in_channels
     self.num_classes = num_classes
-    self.base_features = base_features
+    self.base_features = features[0]
     self.depth = depth
+    self.strides = strides
+    self.features_per_stage = features
     self.normalization = normalization
     self.dtype = dtype
     self.conv_impl = conv_impl
+    self.init = init
+    self.activation = activation
 
+    kernel_init = kernel_initializer(init, activation)
     common = dict(normalization=normalization, dtype=dtype,
-                  conv_impl=conv_impl, rngs=rngs)
-    features = [base_features * 2**level for level in range(depth + 1)]
+                  conv_impl=conv_impl, kernel_init=kernel_init,
+                  activation=activation, rngs=rngs)
     self.encoder = nnx.List([
         ConvBlock(in_channels if level == 0 else features[level - 1],
                   features[level], **common)
@@ -402,16 +698,20 @@ class UNet3D(nnx.Module):
         in_channels if depth == 0 else features[depth - 1], features[depth],
         **common)
     self.decoder = nnx.List([
-        UpBlock(features[level], **common)
+        UpBlock(features[level], in_features=features[level + 1],
+                strides=strides[level],
+                up_kernel_init=upconv_kernel_initializer(init, activation),
+                **common)
         for level in reversed(range(depth))
     ])
     self.head = nnx.Conv(
-        base_features, num_classes, kernel_size=(1, 1, 1), dtype=dtype,
-        param_dtype=jnp.float32, rngs=rngs)
+        features[0], num_classes, kernel_size=(1, 1, 1), dtype=dtype,
+        param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=bias_init,
+        rngs=rngs)
 
   def check_input_shape(self, shape: Sequence[int]) -> None:
     """Raises ``ValueError`` unless ``shape`` is ``[b, x, y, z, in_channels]``
-    with ``x, y, z`` divisible by ``required_divisor(self.depth)``."""
+    with ``x, y, z`` divisible by ``required_divisors(self.strides)``."""
     shape = tuple(shape)
     if len(shape) != 5:
       raise ValueError(
@@ -422,12 +722,18 @@ class UNet3D(nnx.Module):
           f"UNet3D was built for in_channels={self.in_channels} but the input "
           f"of shape {shape} has {shape[-1]} channels (the last axis; inputs "
           "are channels-last [batch, x, y, z, channels]).")
-    divisor = required_divisor(self.depth)
-    if any(s % divisor for s in shape[1:4]):
+    divisors = required_divisors(self.strides)
+    bad = [f"{axis}={size} is not divisible by {d}"
+           for axis, size, d in zip(_AXES, shape[1:4], divisors) if size % d]
+    if bad:
+      if self.strides == default_strides(self.depth):
+        why = f"2**depth (depth={self.depth})"
+      else:
+        why = f"the product of the pooling strides {self.strides} per axis"
       raise ValueError(
           f"Spatial size {shape[1:4]} of input shape {shape} is not divisible "
-          f"by {divisor} = 2**depth (depth={self.depth}); pad or crop every "
-          f"spatial axis to a multiple of {divisor}.")
+          f"by {divisors} (x, y, z) = {why}: {', '.join(bad)}; pad or crop "
+          "each spatial axis to a multiple of its divisor.")
 
   def __call__(self, x: Array) -> Array:
     """Computes the logits.
@@ -441,16 +747,17 @@ class UNet3D(nnx.Module):
 
     Raises:
       ValueError: if the rank or channel count is wrong or a spatial size is
-        not divisible by ``2**depth`` (checked on the static shape, so also
-        at trace time under ``jax.jit``).
+        not divisible by its axis's ``required_divisors(strides)`` entry
+        (checked on the static shape, so also at trace time under
+        ``jax.jit``).
     """
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
     skips = []
-    for block in self.encoder:
+    for block, stride in zip(self.encoder, self.strides):
       x = block(x)
       skips.append(x)
-      x = _max_pool_2x(x)
+      x = _max_pool(x, stride)
     x = self.bottleneck(x)
     for block, skip in zip(self.decoder, reversed(skips)):
       x = block(x, skip)

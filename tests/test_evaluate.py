@@ -1,6 +1,7 @@
 """Tests of tversky_jax.evaluate on hand-made and synthetic volumes."""
 
 import csv
+import json
 import math
 
 import nibabel as nib
@@ -258,3 +259,289 @@ def test_apr_is_nan_without_probabilities():
   result = evaluate.evaluate_case(pred, ref)
   assert math.isnan(result.apr)
   assert evaluate._csv_value(result.apr) == ""
+
+
+# --------------------------------------------------------------------------
+# Several classes
+# --------------------------------------------------------------------------
+
+SHAPE3 = (10, 10, 10)
+NAMES3 = {0: "background", 1: "white_matter", 2: "grey_matter", 3: "lesion"}
+
+
+def three_class_case():
+  """Label maps 0..3 with hand-counted per-class outcomes (1000 voxels).
+
+  Class 1: reference x 0:2 (200 voxels, one component), predicted x 0:3:
+  TP 200, FP 100, FN 0; 1 lesion, detected; 1 component, not false.
+  Class 2: reference blocks x 4:6 y 0:5 z 0:5 (50) and x 4:6 y 7:10 z 7:10
+  (18): 68 voxels, 2 lesions. Predicted: the first block but its voxel
+  (4, 0, 0), which is predicted 3, and an isolated voxel (9, 9, 0): TP 49,
+  FP 1, FN 19; lesions 1 of 2 detected, 2 components, 1 false.
+  Class 3: reference (8, 1, 1) and the corner-connected pair (8, 5, 5),
+  (9, 6, 6): 3 voxels, 2 lesions. Predicted (8, 1, 1) and (4, 0, 0): TP 1,
+  FP 1, FN 2; 1 of 2 lesions detected, 2 components, 1 false.
+  Probabilities ``[x, y, z, 4]``: 0.7 on the predicted class, 0.1 on the
+  others, so each class has two thresholds.
+  """
+  ref = np.zeros(SHAPE3, np.uint8)
+  ref[0:2] = 1
+  ref[4:6, 0:5, 0:5] = 2
+  ref[4:6, 7:10, 7:10] = 2
+  ref[8, 1, 1] = ref[8, 5, 5] = ref[9, 6, 6] = 3
+  pred = np.zeros(SHAPE3, np.uint8)
+  pred[0:3] = 1
+  pred[4:6, 0:5, 0:5] = 2
+  pred[4, 0, 0] = 3
+  pred[9, 9, 0] = 2
+  pred[8, 1, 1] = 3
+  prob = np.full((*SHAPE3, 4), 0.1, np.float32)
+  np.put_along_axis(prob, pred[..., None].astype(np.int64), 0.7, axis=-1)
+  return ref, pred, prob
+
+
+# class: (tp, fp, fn, tn), (reference, predicted, detected, false positive).
+COUNTS3 = {1: ((200, 100, 0, 700), (1, 1, 1, 0)),
+           2: ((49, 1, 19, 931), (2, 2, 1, 1)),
+           3: ((1, 1, 2, 996), (2, 2, 1, 1))}
+
+
+def _ap_two_thresholds(tp, fp, positives, voxels=1000):
+  """AP with scores 0.7 (tp + fp voxels) and 0.1 (all the others)."""
+  recall = tp / positives
+  return recall * tp / (tp + fp) + (1 - recall) * positives / voxels
+
+
+APR3 = {k: _ap_two_thresholds(c[0], c[1], c[0] + c[2])
+        for k, (c, _) in COUNTS3.items()}
+
+
+def test_three_class_case_exact_counts():
+  ref, pred, prob = three_class_case()
+  results = evaluate.evaluate_case_classes(pred, ref, prob, "three",
+                                           classes=(3, 1, 2),
+                                           class_names=NAMES3)
+  assert list(results) == ["white_matter", "grey_matter", "lesion"]
+  for k, name in ((1, "white_matter"), (2, "grey_matter"), (3, "lesion")):
+    result = results[name]
+    voxels, lesions = COUNTS3[k]
+    assert (result.tp, result.fp, result.fn, result.tn) == voxels, name
+    les = result.lesions
+    assert (les.reference, les.predicted, les.detected,
+            les.false_positive) == lesions, name
+    assert result.apr == pytest.approx(APR3[k], rel=1e-6), name
+    tp, fp, fn, _ = voxels
+    assert result.metrics()["dsc"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+  # Default names are the label values; one class takes [x, y, z] too.
+  single = evaluate.evaluate_case_classes(pred, ref, prob[..., 3], "three",
+                                          classes=[3])
+  assert list(single) == ["3"] and single["3"].apr == pytest.approx(APR3[3])
+  # A binary mask is the label map {0, 1}: the same as evaluate_case.
+  bref, bpred, bprob = hand_made_case()
+  assert evaluate.evaluate_case_classes(bpred, bref, bprob)["1"] == (
+      evaluate.evaluate_case(bpred, bref, bprob))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"classes": (0, 1)}, "0 is the background"),
+    ({"classes": (1, 1)}, "given twice"),
+    ({"classes": ()}, "no class"),
+    ({"class_names": ["bg", "wm"]}, "no name for class 2, 3"),
+    ({"class_names": ["bg", "a", "a", "b"]}, "unique"),
+    ({"probabilities": np.zeros((*SHAPE3, 3))}, "has 3 channels, class 3"),
+    ({"probabilities": np.zeros(SHAPE3)}, r"\[x, y, z\] probability map "
+     "holds one class"),
+])
+def test_evaluate_case_classes_errors(kwargs, message):
+  ref, pred, _ = three_class_case()
+  kwargs = {"classes": (1, 2, 3), **kwargs}
+  with pytest.raises(evaluate.EvaluationError, match=message):
+    evaluate.evaluate_case_classes(pred, ref, case_id="three", **kwargs)
+
+
+@pytest.fixture
+def class_folders(tmp_path):
+  """Case 'three' (above) and case 'zeros' (all background), with 4-D
+  probabilities, and an nnU-Net dataset.json naming the classes."""
+  pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+  pred_dir.mkdir()
+  label_dir.mkdir()
+  ref, pred, prob = three_class_case()
+  zeros = np.zeros(SHAPE3, np.uint8)
+  background = np.zeros((*SHAPE3, 4), np.float32)
+  background[..., 0] = 1.0
+  for case, (r, p, q) in {"three": (ref, pred, prob),
+                          "zeros": (zeros, zeros, background)}.items():
+    _save(label_dir / f"{case}.nii.gz", r)
+    _save(pred_dir / f"{case}.nii.gz", p)
+    _save(pred_dir / f"{case}_prob.nii.gz", q, dtype=np.float32)
+  dataset_json = tmp_path / "dataset.json"
+  dataset_json.write_text(json.dumps(
+      {"labels": {name: k for k, name in NAMES3.items()}}))
+  return pred_dir, label_dir, tmp_path / "eval", dataset_json
+
+
+def test_class_folders_csv_rows_and_per_class_apr(class_folders):
+  pred_dir, label_dir, out, dataset_json = class_folders
+  result = evaluate.evaluate_folders(
+      pred_dir, label_dir, out,
+      class_names=evaluate.read_dataset_json_names(dataset_json))
+  assert not result.binary
+  assert list(result.classes) == ["white_matter", "grey_matter", "lesion"]
+  with pytest.raises(ValueError, match="3 classes"):
+    _ = result.cases
+  reader = csv.reader(open(out / "metrics.csv"))
+  assert tuple(next(reader)) == evaluate.CLASS_COLUMNS
+  rows = list(csv.DictReader(open(out / "metrics.csv")))
+  assert [(r["case"], r["class"]) for r in rows] == [
+      (case, name) for name in result.classes
+      for case in ("three", "zeros", "pooled", "mean")] + [
+          ("pooled", "mean"), ("mean", "mean")]
+  by_key = {(r["case"], r["class"]): r for r in rows}
+  for k, name in ((1, "white_matter"), (2, "grey_matter"), (3, "lesion")):
+    (tp, fp, fn, tn), (n_ref, n_pred, detected, false) = COUNTS3[k]
+    row = by_key["three", name]
+    assert [int(row[c]) for c in ("tp", "fp", "fn", "tn", "ref_lesions",
+                                  "pred_lesions", "detected_lesions",
+                                  "fp_lesions")] == [tp, fp, fn, tn, n_ref,
+                                                     n_pred, detected, false]
+    assert float(row["apr"]) == pytest.approx(APR3[k], rel=1e-6)
+    assert by_key["zeros", name]["apr"] == ""  # no voxel of the class
+    pooled = by_key["pooled", name]
+    assert int(pooled["tn"]) == tn + 1000
+    # The extra background voxels rank last: the pooled AP is the same.
+    assert float(pooled["apr"]) == pytest.approx(APR3[k], rel=1e-6)
+    assert float(by_key["mean", name]["dsc"]) == pytest.approx(
+        (2 * tp / (2 * tp + fp + fn) + 1) / 2)
+  dscs = [2 * c[0] / (2 * c[0] + c[1] + c[2]) for c, _ in COUNTS3.values()]
+  assert float(by_key["pooled", "mean"]["dsc"]) == pytest.approx(
+      np.mean(dscs))
+  assert float(by_key["pooled", "mean"]["apr"]) == pytest.approx(
+      np.mean(list(APR3.values())), rel=1e-6)
+  assert by_key["pooled", "mean"]["tp"] == ""  # counts are not averaged
+  assert sorted(result.classes["lesion"].curves) == ["pooled", "three"]
+  assert (out / "pr_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_class_selection_and_names(class_folders):
+  pred_dir, label_dir, out, _ = class_folders
+  result = evaluate.evaluate_folders(pred_dir, label_dir, classes=[3],
+                                     class_names=["bg", "wm", "gm", "les"])
+  assert list(result.classes) == ["les"] and not result.binary
+  assert result.cases[0].tp == 1  # one class: the single-class properties
+  auto = evaluate.evaluate_folders(pred_dir, label_dir)
+  assert list(auto.classes) == ["1", "2", "3"]
+  # A label found in the data without a name is an error.
+  with pytest.raises(evaluate.EvaluationError, match="no name for class 3"):
+    evaluate.evaluate_folders(pred_dir, label_dir,
+                              class_names={0: "bg", 1: "wm", 2: "gm"})
+  assert not out.exists()
+
+
+def test_dataset_json_names(tmp_path):
+  path = tmp_path / "dataset.json"
+  path.write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+  assert evaluate.read_dataset_json_names(path) == {0: "background",
+                                                    1: "lesion"}
+  path.write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2]}}))
+  with pytest.raises(evaluate.EvaluationError,
+                     match="region labels are not supported: whole"):
+    evaluate.read_dataset_json_names(path)
+  path.write_text("{")
+  with pytest.raises(evaluate.EvaluationError, match="not JSON"):
+    evaluate.read_dataset_json_names(path)
+  with pytest.raises(evaluate.EvaluationError, match="nowhere.json: No such"):
+    evaluate.read_dataset_json_names(tmp_path / "nowhere.json")
+
+
+def test_binary_output_is_unchanged_by_class_options(folders, tmp_path):
+  pred_dir, label_dir, out = folders
+  dataset_json = tmp_path / "dataset.json"
+  dataset_json.write_text(json.dumps({"labels": {"background": 0,
+                                                 "lesion": 1}}))
+  base = ["--predictions", str(pred_dir), "--labels", str(label_dir),
+          "--no-progress", "--output"]
+  assert evaluate.main([*base, str(out)]) == 0
+  assert evaluate.main([*base, str(tmp_path / "named"), "--dataset-json",
+                        str(dataset_json)]) == 0
+  plain = (out / "metrics.csv").read_bytes()
+  assert plain.startswith(",".join(evaluate.COLUMNS).encode() + b"\r\n")
+  assert (tmp_path / "named" / "metrics.csv").read_bytes() == plain
+  assert ((tmp_path / "named" / "pr_curve.png").read_bytes()
+          == (out / "pr_curve.png").read_bytes())
+  # An explicit --classes asks for the class column; the values are the same.
+  assert evaluate.main([*base, str(tmp_path / "explicit"), "--classes", "1",
+                        "--dataset-json", str(dataset_json)]) == 0
+  rows = list(csv.DictReader(open(tmp_path / "explicit" / "metrics.csv")))
+  old = list(csv.DictReader(open(out / "metrics.csv")))
+  assert [r.pop("class") for r in rows[:4]] == ["lesion"] * 4
+  assert rows[:4] == old
+
+
+def test_cli_prints_a_table_per_class(class_folders, capsys):
+  pred_dir, label_dir, out, dataset_json = class_folders
+  assert evaluate.main(["--predictions", str(pred_dir), "--labels",
+                        str(label_dir), "--output", str(out), "--no-progress",
+                        "--dataset-json", str(dataset_json)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split()[:2] == ["case", "DSC"]
+  titles = [i for i, line in enumerate(lines) if line.startswith("==")]
+  assert [lines[i] for i in titles] == [
+      "== class white_matter (label 1) ==", "== class grey_matter (label 2) ==",
+      "== class lesion (label 3) ==", "== mean over the 3 classes =="]
+  lesion = lines[titles[2] + 1:titles[3]]
+  assert [line.split()[0] for line in lesion] == ["three", "zeros",
+                                                  "-" * 93, "pooled", "mean"]
+  assert lesion[0].split()[1] == f"{100 * 2 / 5:.2f}"
+  assert "1/2" in lesion[0].split()
+  assert [line.split()[0] for line in lines[titles[3] + 1:][:2]] == [
+      "pooled", "mean"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "--classes 0: class 0: classes are label values >= 1"),
+    ("1,x", "--classes '1,x': expected 'auto' or label values"),
+    ("", "--classes '': expected 'auto'"),
+    ("2,2", "--classes 2,2: classes 2, 2: a class is given twice"),
+    ("-1", "--classes -1: class -1: classes are label values >= 1"),
+])
+def test_bad_classes_are_one_line_errors(class_folders, capsys, value,
+                                         message):
+  pred_dir, label_dir, out, _ = class_folders
+  code = evaluate.main(["--predictions", str(pred_dir), "--labels",
+                        str(label_dir), "--output", str(out), "--no-progress",
+                        "--classes", value])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"error: {message}"), err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class-names", "wm,gm,lesion"], "no name for class 3: names are given "
+     "for labels 0, 1, 2"),
+    (["--class-names", "a,,b"], "--class-names 'a,,b': an empty name"),
+    (["--dataset-json", "nowhere.json"],
+     "--dataset-json nowhere.json: No such"),
+    (["--classes", "4"], "case three: the probability map has 4 channels, "
+     "class 4 needs channel 4"),
+    ("3d_prob", "case three: an [x, y, z] probability map holds one class"),
+    ("float_labels", "three.nii.gz: label values must be integers >= 0, "
+     "found 0.5"),
+])
+def test_class_input_errors_are_one_line(class_folders, capsys, extra,
+                                         message):
+  pred_dir, label_dir, out, _ = class_folders
+  if extra == "3d_prob":
+    _save(pred_dir / "three_prob.nii.gz", np.zeros(SHAPE3), dtype=np.float32)
+    extra = []
+  elif extra == "float_labels":
+    _save(pred_dir / "three.nii.gz", np.full(SHAPE3, 0.5), dtype=np.float32)
+    extra = []
+  code = evaluate.main(["--predictions", str(pred_dir), "--labels",
+                        str(label_dir), "--output", str(out), "--no-progress",
+                        *extra])
+  err = capsys.readouterr().err
+  assert code in (1, 2) and err.count("\n") == 1, err
+  assert err.startswith("error: ") and message in err, err
+  assert "Traceback" not in err

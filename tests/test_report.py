@@ -3,6 +3,7 @@
 import base64
 import html.parser
 import io
+import json
 import os
 import subprocess
 import sys
@@ -181,8 +182,14 @@ class _PageParser(html.parser.HTMLParser):
       self.row_names[-1] += data.strip()
 
 
-def _write_folders(tmp_path, with_images=True):
-  """Three cases with DSC a: 1, b: worst, c: middle, as nnU-Net folders."""
+def _write_folders(tmp_path, with_images=True, classes=False):
+  """Three cases with DSC a: 1, b: worst, c: middle, as nnU-Net folders.
+
+  With ``classes``, label maps of white matter (1: the slab x 20:24 of the
+  reference; predicted x 19:24 in case c, so only c has false positives) and
+  lesion (2: the binary case's masks), ``[x, y, z, 3]`` probabilities and a
+  ``dataset.json`` naming them.
+  """
   ref, pred = hand_made_case()
   worse = np.zeros(SHAPE, np.uint8)
   worse[3:5, 18:20, 3:5] = 1  # all false positive
@@ -192,15 +199,24 @@ def _write_folders(tmp_path, with_images=True):
     folder.mkdir()
   rng = np.random.default_rng(2)
   for name, (label, mask) in cases.items():
+    if classes:
+      label, mask = label * 2, mask * 2
+      label[20:], mask[19 if name == "c" else 20:] = 1, 1
     nifti.write_nifti(folders["labels"] / f"{name}.nii.gz", label, AFFINE,
                       dtype=np.uint8)
     nifti.write_nifti(folders["pred"] / f"{name}.nii.gz", mask, AFFINE,
                       dtype=np.uint8)
     prob = np.clip(mask * 0.8 + rng.uniform(0, 0.3, SHAPE), 0, 1)
+    if classes:
+      prob = np.stack([mask == k for k in range(3)], -1) * 0.8 + 0.1
     nifti.write_nifti(folders["pred"] / f"{name}_prob.nii.gz", prob, AFFINE)
     if with_images:
       nifti.write_nifti(folders["images"] / f"{name}_0000.nii.gz",
                         rng.uniform(0, 1, SHAPE), AFFINE)
+  if classes:
+    folders["dataset_json"] = tmp_path / "dataset.json"
+    folders["dataset_json"].write_text(json.dumps({"labels": {
+        "background": 0, "white_matter": 1, "lesion": 2}}))
   return folders
 
 
@@ -301,4 +317,60 @@ def test_images_without_report_is_a_usage_error(tmp_path):
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main(["--predictions", str(folders["pred"]), "--labels",
                    str(folders["labels"]), "--images", str(folders["images"])])
+  assert exit_info.value.code == 2
+
+
+def _figure_headings(page):
+  return [line for line in page.split("<h") if line.startswith(("2>", "3>"))]
+
+
+@pytest.mark.parametrize("report_class, order", [
+    (None, ["b", "c", "a"]),  # lesion: the fewest reference voxels
+    ("white_matter", ["c", "a", "b"]),
+])
+def test_report_per_class_tables_and_montage_class(tmp_path, report_class,
+                                                   order):
+  folders = _write_folders(tmp_path, classes=True)
+  extra = ["--report-class", report_class] if report_class else []
+  assert _run(folders, tmp_path, "--images", str(folders["images"]),
+              "--dataset-json", str(folders["dataset_json"]), *extra) == 0
+  page = (tmp_path / "out" / "report.html").read_text()
+  parser = _PageParser()
+  parser.feed(page)
+  # A table per class, each worst DSC (of its class) first, then the mean
+  # over the classes.
+  assert parser.row_names == [
+      "case", "c", "a", "b", "pooled", "mean",
+      "case", "b", "c", "a", "pooled", "mean",
+      "case", "pooled", "mean"]
+  assert "<h3>Class white_matter (label 1)</h3>" in page
+  assert "<h3>Class lesion (label 2)</h3>" in page
+  assert "<h3>Mean over the 2 classes</h3>" in page
+  shown = report_class or "lesion"
+  assert f"<h2>Cases, worst DSC of class {shown} first</h2>" in page
+  assert f"The overlays show class {shown}" in page
+  assert parser.figures == [f"case-{name}" for name in order]
+  montages = dict(zip(order, (_decode(src) for src in parser.images[1:])))
+  colours = (report.TP_COLOUR, report.FP_COLOUR, report.FN_COLOUR)
+  shows = {n: [count_colour(m, c) > 0 for c in colours]
+           for n, m in montages.items()}
+  if shown == "lesion":  # the binary case's outcomes
+    assert shows == {"a": [True, False, False], "b": [False, True, True],
+                     "c": [True, True, True]}
+  else:  # white matter: only case c has false positives, nothing is missed
+    assert shows == {"a": [True, False, False], "b": [True, False, False],
+                     "c": [True, True, False]}
+
+
+def test_unknown_report_class_is_a_one_line_error(tmp_path, capsys):
+  folders = _write_folders(tmp_path, classes=True)
+  assert _run(folders, tmp_path, "--report-class", "grey_matter",
+              "--dataset-json", str(folders["dataset_json"])) == 1
+  err = capsys.readouterr().err
+  assert err == ("error: --report-class grey_matter: not an evaluated class "
+                 "(white_matter, lesion)\n")
+  assert not (tmp_path / "eval" / "metrics.csv").exists()
+  with pytest.raises(SystemExit) as exit_info:  # only used with --report
+    evaluate.main(["--predictions", str(folders["pred"]), "--labels",
+                   str(folders["labels"]), "--report-class", "lesion"])
   assert exit_info.value.code == 2

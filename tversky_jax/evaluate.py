@@ -1,16 +1,31 @@
-"""The paper's metrics, and lesion counts, for a folder of predicted masks.
+"""The paper's metrics, and lesion counts, for a folder of predicted label maps.
 
 Command line (``python -m tversky_jax.evaluate`` or ``tversky-evaluate``)::
 
   tversky-evaluate --predictions predictions/ \
-      --labels data/Dataset001_Lesions/labelsTs [--output eval/]
+      --labels data/Dataset001_Lesions/labelsTs [--output eval/] \
+      [--classes auto|1,2,3] [--class-names NAMES | --dataset-json FILE]
 
 Inputs, matched by case name:
 
-* ``--predictions``: ``CASE.nii.gz`` (or ``.nii``) masks, lesion where the
-  voxel is non-zero (as ``tversky-predict`` writes them), and optionally
-  ``CASE_prob.nii.gz`` lesion probabilities (for APR and the PR curves).
-* ``--labels``: reference ``CASE.nii.gz`` (or ``.nii``), lesion where non-zero.
+* ``--predictions``: ``CASE.nii.gz`` (or ``.nii``) label maps (as
+  ``tversky-predict`` writes them: a binary lesion mask, or the argmax over
+  the classes), and optionally ``CASE_prob.nii.gz`` probabilities (for APR
+  and the PR curves): ``[x, y, z]`` lesion probabilities, or ``[x, y, z, K]``
+  class probabilities (softmax over all K classes, background first, so
+  channel k is class k).
+* ``--labels``: reference ``CASE.nii.gz`` (or ``.nii``) label maps.
+
+Classes: ``--classes auto`` (the default) evaluates the non-zero values found
+in the references and predictions (which are read once more for this; they
+must be integers >= 0). When that is label 1 only (or nothing), the data is
+binary and everything is exactly as before classes existed: lesion where the
+label is non-zero, no ``class`` column. Otherwise, and always with
+``--classes 1,2,3``, each class k is evaluated one-vs-rest (prediction == k
+against reference == k), APR from channel k of the probabilities. Class names
+come from ``--class-names`` (names of labels 0, 1, 2, ..., background first)
+or from the ``labels`` of an nnU-Net ``--dataset-json``; default the label
+value.
 
 Matching rules: a reference without a prediction is an error (a forgotten
 case would silently improve the scores) unless ``--allow-missing`` is given,
@@ -20,8 +35,8 @@ scans); a ``CASE_prob`` without ``CASE`` mask is skipped with a warning. A
 prediction (or probability) whose shape differs from its reference, or whose
 affine differs by more than ``1e-4``, is an error naming the case.
 
-Per case, and pooled over every voxel of every case, it computes (paper,
-Sec. 3; the formulas of :mod:`tversky_jax.metrics`):
+Per case and class, and pooled over every voxel of every case, it computes
+(paper, Sec. 3; the formulas of :mod:`tversky_jax.metrics`):
 
 * voxel-wise DSC, sensitivity, specificity, precision, F2 from the masks, and
   APR (exact average precision) from the probabilities when they exist;
@@ -40,15 +55,23 @@ Outputs: ``metrics.csv`` (one row per case, then a ``pooled`` row: metrics
 of the summed counts, and a ``mean`` row: the mean of the per-case values,
 APR averaged over the cases that have lesions and probabilities; an empty
 cell means undefined), a table on stdout, and ``pr_curve.png`` (voxel-wise
-precision-recall curves per case and pooled) when probabilities exist.
-``--report report.html [--images imagesTs/]`` also writes a self-contained
-HTML page with the table, the curves and per-case overlay montages (see
+precision-recall curves per case and pooled) when probabilities exist. With
+classes, ``metrics.csv`` has a ``class`` column after ``case``: per class its
+case rows, ``pooled`` and ``mean``; then ``pooled`` and ``mean`` rows of class
+``mean``: the mean over the classes of their pooled and mean metrics (count
+cells empty). The table is grouped by class, and ``pr_curve.png`` has one
+pooled curve per class. ``--report report.html [--images imagesTs/]
+[--report-class NAME]`` also writes a self-contained HTML page with the
+tables, the curves and per-case overlay montages (see
 :mod:`tversky_jax.report`).
 
-Function API (for the replication sweep)::
+Function API (for the replication sweep and validation during training)::
 
   result = evaluate_folders("predictions/", "labelsTs/", "eval/")
   result.pooled["dsc"], result.mean["lesion_f1"], result.cases[0].row()
+  result.classes["lesion"].pooled["dsc"]  # by class name, any number
+  per_class = evaluate_case_classes(argmax, label, softmax, "case_1",
+                                    classes=(1, 2, 3), class_names=names)
 """
 
 from __future__ import annotations
@@ -56,10 +79,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +106,14 @@ LESION_METRICS = ("lesion_precision", "lesion_recall", "lesion_f1")
 COUNT_COLUMNS = ("tp", "fp", "fn", "tn", "ref_lesions", "pred_lesions",
                  "detected_lesions", "missed_lesions", "fp_lesions")
 COLUMNS = ("case", *VOXEL_METRICS, *LESION_METRICS, *COUNT_COLUMNS)
+# The CSV columns when classes are evaluated (not binary).
+CLASS_COLUMNS = ("case", "class", *COLUMNS[1:])
+# The class column of the rows averaging over the classes (a reserved name).
+CLASS_MEAN = "mean"
+AUTO = "auto"
+# Names by label value: a sequence (index = label, background first) or a
+# mapping label -> name.
+ClassNames = Sequence[str] | Mapping[int, str]
 
 
 class EvaluationError(ValueError):
@@ -267,10 +299,41 @@ def _lesion_counts(lesions: LesionCounts) -> dict[str, int]:
           "fp_lesions": lesions.false_positive}
 
 
+def _check_shapes(case_id: str, prediction: tuple[int, ...],
+                  reference: tuple[int, ...]) -> None:
+  if prediction != reference:
+    raise EvaluationError(f"case {case_id}: prediction shape {prediction} "
+                          f"differs from reference shape {reference}")
+
+
+def _case_result(pred: np.ndarray, ref: np.ndarray,
+                 probability: np.ndarray | None, case_id: str) -> CaseResult:
+  """Metrics of one class of one case: the evaluator every caller uses.
+
+  Args:
+    pred: bool ``[x, y, z]``, where the class is predicted.
+    ref: bool ``[x, y, z]``, where the class is in the reference.
+    probability: optional ``[x, y, z]`` probabilities of the class, for APR.
+    case_id: name for the result.
+
+  Returns:
+    A :class:`CaseResult`.
+  """
+  tp = int(np.count_nonzero(pred & ref))
+  fp = int(np.count_nonzero(pred)) - tp
+  fn = int(np.count_nonzero(ref)) - tp
+  tn = int(pred.size) - tp - fp - fn
+  apr = math.nan  # also without reference voxels: then AP is undefined
+  if probability is not None and tp + fn:
+    apr = float(metrics_lib.average_precision(
+        np.asarray(probability, np.float32)[None], ref[None])[0])
+  return CaseResult(case_id, tp, fp, fn, tn, apr, lesion_detection(pred, ref))
+
+
 def evaluate_case(prediction: np.ndarray, reference: np.ndarray,
                   probability: np.ndarray | None = None,
                   case_id: str = "") -> CaseResult:
-  """Metrics of one case from arrays.
+  """Binary metrics of one case from arrays (lesion where non-zero).
 
   Args:
     prediction: ``[x, y, z]`` mask, lesion where non-zero.
@@ -280,21 +343,275 @@ def evaluate_case(prediction: np.ndarray, reference: np.ndarray,
 
   Returns:
     A :class:`CaseResult`.
+
+  Raises:
+    EvaluationError: (a ValueError) the shapes differ.
   """
   pred = np.asarray(prediction) != 0
   ref = np.asarray(reference) != 0
-  if pred.shape != ref.shape:
-    raise ValueError(f"case {case_id}: prediction shape {pred.shape} differs "
-                     f"from reference shape {ref.shape}")
-  tp = int(np.count_nonzero(pred & ref))
-  fp = int(np.count_nonzero(pred & ~ref))
-  fn = int(np.count_nonzero(~pred & ref))
-  tn = int(pred.size) - tp - fp - fn
-  apr = math.nan
-  if probability is not None:
-    apr = float(metrics_lib.average_precision(
-        np.asarray(probability, np.float32)[None], ref[None])[0])
-  return CaseResult(case_id, tp, fp, fn, tn, apr, lesion_detection(pred, ref))
+  _check_shapes(case_id, pred.shape, ref.shape)
+  return _case_result(pred, ref, probability, case_id)
+
+
+def evaluate_case_classes(prediction: np.ndarray, reference: np.ndarray,
+                          probabilities: np.ndarray | None = None,
+                          case_id: str = "", classes: Sequence[int] = (1,),
+                          class_names: ClassNames | None = None
+                          ) -> dict[str, CaseResult]:
+  """Per-class (one-vs-rest) metrics of one case from arrays in memory.
+
+  The per-case evaluator of :func:`evaluate_folders` and of validation during
+  training. Class k compares ``prediction == k`` with ``reference == k``: its
+  voxel counts, its lesions (26-connected components of each mask) and APR
+  from its probabilities. Cost per class: a few passes over the volume, two
+  ``scipy.ndimage.label`` calls and, with probabilities, one sort.
+
+  Args:
+    prediction: ``[x, y, z]`` integer label map (e.g. the argmax of the
+      softmax; a binary mask is label map {0, 1}).
+    reference: ``[x, y, z]`` integer label map.
+    probabilities: optional, for APR: ``[x, y, z, K]`` probabilities of all K
+      classes (background first: channel k is class k), or ``[x, y, z]``
+      probabilities of the class when ``classes`` has one.
+    case_id: name for the results.
+    classes: label values to evaluate, each >= 1.
+    class_names: names by label value (see :func:`class_names_for`);
+      default the label values as strings.
+
+  Returns:
+    class name -> :class:`CaseResult`, in increasing label order.
+
+  Raises:
+    EvaluationError: (a ValueError) shapes differ, bad classes or names, a
+      probability map without a channel for a class.
+  """
+  pred, ref = np.asarray(prediction), np.asarray(reference)
+  _check_shapes(case_id, pred.shape, ref.shape)
+  labels = check_class_labels(classes)
+  names = class_names_for(labels, class_names)
+  channels = class_probabilities(probabilities, labels, ref.shape, case_id)
+  return {name: _case_result(pred == k, ref == k, channel, case_id)
+          for name, k, channel in zip(names, labels, channels)}
+
+
+def class_probabilities(probabilities: np.ndarray | None,
+                        labels: Sequence[int], shape: Sequence[int],
+                        case_id: str = "") -> list[np.ndarray | None]:
+  """The ``[x, y, z]`` probability map of each class (views, no copy).
+
+  Args:
+    probabilities: None, ``[x, y, z, K]`` over all classes (channel k is
+      class k), or ``[x, y, z]`` for a single class.
+    labels: the classes, from :func:`check_class_labels`.
+    shape: ``[x, y, z]`` of the label maps.
+    case_id: named in errors.
+
+  Returns:
+    One map (or None without probabilities) per label.
+  """
+  if probabilities is None:
+    return [None] * len(labels)
+  probs = np.asarray(probabilities)
+  if probs.ndim not in (3, 4) or probs.shape[:3] != tuple(shape):
+    raise EvaluationError(f"case {case_id}: probability shape {probs.shape} "
+                          f"does not match the label map's {tuple(shape)}")
+  if probs.ndim == 3:
+    if len(labels) != 1:
+      raise EvaluationError(
+          f"case {case_id}: an [x, y, z] probability map holds one class but "
+          f"{len(labels)} are evaluated; give [x, y, z, K] class "
+          "probabilities")
+    return [probs]
+  if probs.shape[3] <= labels[-1]:
+    raise EvaluationError(
+        f"case {case_id}: the probability map has {probs.shape[3]} channels, "
+        f"class {labels[-1]} needs channel {labels[-1]} (channel k is class k,"
+        " background first)")
+  return [probs[..., k] for k in labels]
+
+
+# --------------------------------------------------------------------------
+# Classes
+# --------------------------------------------------------------------------
+
+def check_class_labels(classes: Iterable[int]) -> tuple[int, ...]:
+  """Validated class labels, increasing.
+
+  Raises:
+    EvaluationError: none, one below 1 (0 is the background), a non-integer,
+      or one given twice.
+  """
+  labels = tuple(classes)
+  if not labels:
+    raise EvaluationError("no class to evaluate")
+  for k in labels:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise EvaluationError(f"class {k!r}: classes are label values >= 1 "
+                            "(0 is the background)")
+  if len(set(labels)) != len(labels):
+    raise EvaluationError(f"classes {', '.join(map(str, labels))}: a class is "
+                          "given twice")
+  return tuple(sorted(int(k) for k in labels))
+
+
+def parse_classes(text: str) -> str | tuple[int, ...]:
+  """``--classes``: ``"auto"`` or comma-separated labels such as ``1,2,3``."""
+  if text.strip() == AUTO:
+    return AUTO
+  try:
+    labels = [int(part) for part in text.split(",")]
+  except ValueError:
+    raise EvaluationError(
+        f"--classes {text!r}: expected 'auto' or label values separated by "
+        "commas, such as 1,2,3") from None
+  try:
+    return check_class_labels(labels)
+  except EvaluationError as error:
+    raise EvaluationError(f"--classes {text}: {error}") from None
+
+
+def parse_class_names(text: str) -> tuple[str, ...]:
+  """``--class-names``: names of labels 0, 1, 2, ... separated by commas."""
+  names = tuple(name.strip() for name in text.split(","))
+  if not all(names):
+    raise EvaluationError(
+        f"--class-names {text!r}: an empty name; give the names of labels 0, "
+        "1, 2, ... (background first) separated by commas")
+  return names
+
+
+def names_by_label(labels: Mapping[str, Any]) -> dict[int, str]:
+  """Label value -> name from an nnU-Net ``labels`` dict (name -> value).
+
+  E.g. ``{"background": 0, "lesion": 1}`` (``dataset.json``, or
+  :attr:`tversky_jax.data.nifti.Dataset.labels`) gives ``{0: "background",
+  1: "lesion"}``. Region labels (a list of values) are not supported.
+  """
+  regions = [name for name, value in labels.items()
+             if not isinstance(value, (int, np.integer))]
+  if regions:
+    raise EvaluationError(f"region labels are not supported: {_names(regions)}")
+  names = {int(value): str(name) for name, value in labels.items()}
+  if len(names) != len(labels):
+    raise EvaluationError(f"two names share a label value in {dict(labels)}")
+  return names
+
+
+def read_dataset_json_names(path: str | os.PathLike[str]) -> dict[int, str]:
+  """Label value -> name from the ``labels`` of an nnU-Net dataset.json."""
+  try:
+    meta = json.loads(Path(path).read_text(encoding="utf-8"))
+  except OSError as error:
+    raise EvaluationError(f"--dataset-json {path}: {error.strerror}") from None
+  except ValueError as error:
+    raise EvaluationError(
+        f"--dataset-json {path}: not JSON ({error})") from None
+  labels, problems = nifti._parse_labels(  # pylint: disable=protected-access
+      meta.get("labels") if isinstance(meta, dict) else None)
+  try:
+    if problems:
+      raise EvaluationError(problems[0])
+    return names_by_label(labels)
+  except EvaluationError as error:
+    raise EvaluationError(f"--dataset-json {path}: {error}") from None
+
+
+def class_names_for(labels: Sequence[int],
+                    class_names: ClassNames | None = None) -> tuple[str, ...]:
+  """The name of each label: from ``class_names``, default ``str(label)``.
+
+  Args:
+    labels: the classes.
+    class_names: a sequence indexed by label value (background first) or a
+      mapping label -> name; must name every label.
+
+  Raises:
+    EvaluationError: a label without name, names that are not unique, or the
+      reserved name ``"mean"``.
+  """
+  if class_names is None:
+    names = tuple(str(k) for k in labels)
+  else:
+    lookup = (class_names if isinstance(class_names, Mapping)
+              else dict(enumerate(class_names)))
+    missing = [str(k) for k in labels if k not in lookup]
+    if missing:
+      raise EvaluationError(
+          f"no name for class {', '.join(missing)}: names are given for labels"
+          f" {', '.join(map(str, sorted(lookup)))} (by label value, background "
+          "first)")
+    names = tuple(str(lookup[k]) for k in labels)
+  if len(set(names)) != len(names) or CLASS_MEAN in names:
+    raise EvaluationError(f"class names {', '.join(names)}: names must be "
+                          f"unique and not {CLASS_MEAN!r}")
+  return names
+
+
+def label_values(data: np.ndarray, what: str = "label map") -> set[int]:
+  """The non-zero values of a label map.
+
+  Raises:
+    EvaluationError: a value that is not an integer >= 0 (e.g. a
+      probability map given as a label map).
+  """
+  values = np.unique(np.asarray(data))
+  if values.dtype.kind == "f":
+    bad = values[~np.isfinite(values) | (values < 0)
+                 | (values != np.round(values))]
+  else:
+    bad = values[values < 0]
+  if bad.size:
+    raise EvaluationError(f"{what}: label values must be integers >= 0, found "
+                          f"{bad[0]}")
+  return {int(v) for v in values if v != 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassSpec:
+  """The classes of an evaluation.
+
+  Attributes:
+    labels: label values, increasing.
+    names: the name of each.
+    binary: the binary layout: ``auto`` found label 1 only (or nothing), so
+      outputs are as before classes existed (no ``class`` column).
+  """
+
+  labels: tuple[int, ...]
+  names: tuple[str, ...]
+  binary: bool = False
+
+
+def resolve_classes(matched: Sequence[tuple[str, Path, Path | None, Path]],
+                    classes: str | Sequence[int] = AUTO,
+                    class_names: ClassNames | None = None, *,
+                    progress: bool = False) -> ClassSpec:
+  """The classes to evaluate.
+
+  Args:
+    matched: from :func:`match_cases`.
+    classes: label values, or ``"auto"``: the non-zero values of the
+      references and predictions (each file is read for this).
+    class_names: see :func:`class_names_for`.
+    progress: a tqdm bar over the cases while looking for labels.
+
+  Returns:
+    A :class:`ClassSpec`.
+  """
+  if isinstance(classes, str):
+    if classes != AUTO:
+      raise EvaluationError(f"classes {classes!r}: expected {AUTO!r} or "
+                            "label values")
+    found: set[int] = set()
+    for _, mask, _, ref in tqdm(matched, desc="finding classes", unit="case",
+                                disable=not progress):
+      for path in (ref, mask):
+        found |= label_values(_read_volume(path)[0], str(path))
+    labels = tuple(sorted(found)) or (1,)
+    return ClassSpec(labels, class_names_for(labels, class_names),
+                     binary=labels == (1,))
+  labels = check_class_labels(classes)
+  return ClassSpec(labels, class_names_for(labels, class_names))
 
 
 # --------------------------------------------------------------------------
@@ -303,34 +620,112 @@ def evaluate_case(prediction: np.ndarray, reference: np.ndarray,
 
 
 @dataclasses.dataclass
-class EvaluationResult:
-  """What :func:`evaluate_folders` computed.
+class ClassEvaluation:
+  """The results of one class over all cases.
 
   Attributes:
+    label: the label value.
+    name: the class name.
     cases: per-case results, sorted by case name.
     pooled: metrics of the counts summed over all cases (APR over all voxels
       of all cases, NaN unless every case has probabilities), plus the
       summed counts.
     mean: the mean of the per-case values of every column (NaN-skipping).
     curves: case name (and ``"pooled"``) -> ``(precision, recall)``.
-    warnings: the warnings that were printed.
-    csv_path: the written metrics.csv, or None.
-    plot_path: the written pr_curve.png, or None (no probabilities).
   """
 
+  label: int
+  name: str
   cases: list[CaseResult]
   pooled: dict[str, float]
   mean: dict[str, float]
   curves: dict[str, tuple[np.ndarray, np.ndarray]]
-  warnings: list[str]
-  csv_path: Path | None = None
-  plot_path: Path | None = None
+
+  @property
+  def reference_voxels(self) -> int:
+    """Voxels of the class in all references."""
+    return int(self.pooled["tp"] + self.pooled["fn"])
 
   def rows(self) -> list[dict[str, Any]]:
     """The CSV rows: one per case, then ``pooled`` and ``mean``."""
     return ([c.row() for c in self.cases]
             + [{"case": "pooled", **self.pooled},
                {"case": "mean", **self.mean}])
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+  """What :func:`evaluate_folders` computed.
+
+  ``cases``, ``pooled``, ``mean`` and ``curves`` are those of the only class
+  (see :class:`ClassEvaluation`); with several classes use ``classes``.
+
+  Attributes:
+    classes: class name -> its results, in increasing label order.
+    binary: the binary layout (no ``class`` column; see :class:`ClassSpec`).
+    warnings: the warnings that were printed.
+    csv_path: the written metrics.csv, or None.
+    plot_path: the written pr_curve.png, or None (no probabilities).
+  """
+
+  classes: dict[str, ClassEvaluation]
+  binary: bool
+  warnings: list[str]
+  csv_path: Path | None = None
+  plot_path: Path | None = None
+
+  def only(self) -> ClassEvaluation:
+    """The results of the only class; ValueError with several."""
+    if len(self.classes) != 1:
+      raise ValueError(f"{len(self.classes)} classes "
+                       f"({', '.join(self.classes)}): use result.classes[NAME]")
+    return next(iter(self.classes.values()))
+
+  @property
+  def cases(self) -> list[CaseResult]:
+    """The only class's per-case results."""
+    return self.only().cases
+
+  @property
+  def pooled(self) -> dict[str, float]:
+    """The only class's pooled metrics and counts."""
+    return self.only().pooled
+
+  @property
+  def mean(self) -> dict[str, float]:
+    """The only class's mean over the cases."""
+    return self.only().mean
+
+  @property
+  def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The only class's precision-recall curves."""
+    return self.only().curves
+
+  @property
+  def class_mean(self) -> dict[str, dict[str, float]]:
+    """``{"pooled": ..., "mean": ...}``: the mean over the classes of their
+    pooled and mean metrics (NaN-skipping); the count columns are NaN."""
+    return {which: {column: _finite_mean([getattr(c, which)[column] for c in
+                                          self.classes.values()])
+                    if column in VOXEL_METRICS + LESION_METRICS else math.nan
+                    for column in COLUMNS[1:]}
+            for which in ("pooled", "mean")}
+
+  @property
+  def has_pr_curves(self) -> bool:
+    """Whether pr_curve.png has something to show."""
+    if self.binary:
+      return bool(self.only().curves)
+    return any("pooled" in c.curves for c in self.classes.values())
+
+  def rows(self) -> list[dict[str, Any]]:
+    """The CSV rows (see the module doc)."""
+    if self.binary:
+      return self.only().rows()
+    rows = [{**row, "class": name} for name, evaluation in self.classes.items()
+            for row in evaluation.rows()]
+    return rows + [{"case": which, "class": CLASS_MEAN, **values}
+                   for which, values in self.class_mean.items()]
 
 
 def _strip_ending(name: str) -> str | None:
@@ -355,8 +750,12 @@ def _list_volumes(folder: Path, what: str) -> dict[str, Path]:
   return found
 
 
-def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
-  """``(data [x, y, z], affine)``; [x, y, z, 1] is accepted."""
+def _read_volume(path: Path, channels: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """``(data [x, y, z], affine)``; [x, y, z, 1] is accepted.
+
+  With ``channels``, ``[x, y, z, K]`` is accepted too (class probabilities).
+  """
   try:
     img = nib.load(path)
     data = np.asanyarray(img.dataobj)
@@ -365,14 +764,15 @@ def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
         f"{path}: cannot read ({type(error).__name__}: {error})") from None
   if data.ndim == 4 and data.shape[3] == 1:
     data = data[..., 0]
-  if data.ndim != 3:
-    raise EvaluationError(f"{path}: expected a 3D volume, got {data.shape}")
+  if data.ndim != 3 and not (channels and data.ndim == 4):
+    expected = "a 3D volume" + (" or [x, y, z, K]" if channels else "")
+    raise EvaluationError(f"{path}: expected {expected}, got {data.shape}")
   return data, img.affine
 
 
 def _check_grid(case_id: str, what: str, data: np.ndarray, affine: np.ndarray,
                 ref: np.ndarray, ref_affine: np.ndarray) -> None:
-  if data.shape != ref.shape:
+  if data.shape[:3] != ref.shape:
     raise EvaluationError(
         f"case {case_id}: {what} shape {data.shape} differs from the "
         f"reference's {ref.shape}")
@@ -442,15 +842,20 @@ def _names(names) -> str:
 def evaluate_folders(pred_dir: str | os.PathLike[str],
                      label_dir: str | os.PathLike[str],
                      out_dir: str | os.PathLike[str] | None = None, *,
+                     classes: str | Sequence[int] | ClassSpec = AUTO,
+                     class_names: ClassNames | None = None,
                      allow_missing: bool = False, plot: bool = True,
                      progress: bool = False) -> EvaluationResult:
   """Evaluates a folder of predictions against a folder of references.
 
   Args:
-    pred_dir: ``CASE.nii.gz`` masks and optional ``CASE_prob.nii.gz``.
+    pred_dir: ``CASE.nii.gz`` label maps and optional ``CASE_prob.nii.gz``.
     label_dir: reference ``CASE.nii.gz``.
     out_dir: where ``metrics.csv`` and ``pr_curve.png`` go (created if
       missing); None writes nothing.
+    classes: ``"auto"``, label values, or a :class:`ClassSpec` from
+      :func:`resolve_classes` (see the module doc).
+    class_names: see :func:`class_names_for` (unused with a ClassSpec).
     allow_missing: evaluate only the cases in both folders instead of failing
       when a reference has no prediction.
     plot: write ``pr_curve.png`` (when probabilities exist).
@@ -460,47 +865,96 @@ def evaluate_folders(pred_dir: str | os.PathLike[str],
     An :class:`EvaluationResult`. Warnings are also printed to stderr.
 
   Raises:
-    EvaluationError: see :func:`match_cases`; an unreadable file; a
-      prediction or probability on another grid than its reference.
+    EvaluationError: see :func:`match_cases` and :func:`resolve_classes`; an
+      unreadable file; a prediction or probability on another grid than its
+      reference, or without a channel for a class.
   """
   matched, warnings = match_cases(pred_dir, label_dir,
                                   allow_missing=allow_missing)
   for warning in warnings:
     _log(f"warning: {warning}")
-  cases: list[CaseResult] = []
-  pooled_probs: list[np.ndarray] | None = []
-  pooled_refs: list[np.ndarray] = []
-  curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+  spec = (classes if isinstance(classes, ClassSpec) else
+          resolve_classes(matched, classes, class_names, progress=progress))
+  pools = [ClassPool() for _ in spec.labels]
   for case_id, mask_path, prob_path, ref_path in tqdm(
       matched, desc="evaluating", unit="case", disable=not progress):
-    ref, ref_affine = _read_volume(ref_path)
-    mask, affine = _read_volume(mask_path)
-    _check_grid(case_id, "prediction", mask, affine, ref, ref_affine)
-    prob = None
-    if prob_path is not None:
-      prob, prob_affine = _read_volume(prob_path)
-      _check_grid(case_id, "probability", prob, prob_affine, ref, ref_affine)
-      prob = prob.astype(np.float32)
-      if ref.any():
-        curves[case_id] = precision_recall_curve(prob, ref)
-    cases.append(evaluate_case(mask, ref, prob, case_id))
-    if pooled_probs is not None and prob is not None:
-      pooled_probs.append(prob.ravel())
-      pooled_refs.append(ref.ravel() != 0)
-    else:
-      pooled_probs = None
-
-  pooled = _pooled(cases, pooled_probs, pooled_refs, curves)
-  mean = _mean(cases)
-  result = EvaluationResult(cases, pooled, mean, curves, warnings)
+    mask, ref, prob = _read_case(case_id, mask_path, prob_path, ref_path)
+    channels = class_probabilities(prob, spec.labels, ref.shape, case_id)
+    results = evaluate_case_classes(mask, ref, prob, case_id, spec.labels,
+                                    dict(zip(spec.labels, spec.names)))
+    for pool, k, result, channel in zip(pools, spec.labels, results.values(),
+                                        channels):
+      pool.add(result, channel, ref == k)
+  result = EvaluationResult(
+      {name: pool.finish(k, name)
+       for pool, k, name in zip(pools, spec.labels, spec.names)},
+      spec.binary, warnings)
   if out_dir is not None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.csv_path = write_csv(result, out_dir / "metrics.csv")
-    if plot and curves:
-      result.plot_path = plot_pr_curves(curves, cases, pooled,
-                                        out_dir / "pr_curve.png")
+    if plot and result.has_pr_curves:
+      result.plot_path = write_pr_plot(result, out_dir / "pr_curve.png")
   return result
+
+
+def _read_case(case_id: str, mask_path: Path, prob_path: Path | None,
+               ref_path: Path
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """``(prediction, reference, float32 probabilities or None)`` of a case,
+  checked to be on the reference's grid."""
+  ref, ref_affine = _read_volume(ref_path)
+  mask, affine = _read_volume(mask_path)
+  _check_grid(case_id, "prediction", mask, affine, ref, ref_affine)
+  prob = None
+  if prob_path is not None:
+    prob, prob_affine = _read_volume(prob_path, channels=True)
+    _check_grid(case_id, "probability", prob, prob_affine, ref, ref_affine)
+    prob = prob.astype(np.float32)
+  return mask, ref, prob
+
+
+@dataclasses.dataclass
+class ClassPool:
+  """Collects one class's results case by case into a ClassEvaluation.
+
+  :func:`evaluate_folders` uses one per class; so can validation during
+  training, for the same pooled and mean metrics::
+
+    pool.add(results[name], softmax[..., k], label == k)  # every case
+    evaluation = pool.finish(k, name)  # .pooled, .mean, .curves
+
+  Attributes:
+    cases: the per-case results.
+    probs: the raveled probabilities of every case; None once a case has
+      none (then there is no pooled APR).
+    refs: the raveled reference masks.
+    curves: case name -> precision-recall curve.
+  """
+
+  cases: list[CaseResult] = dataclasses.field(default_factory=list)
+  probs: list[np.ndarray] | None = dataclasses.field(default_factory=list)
+  refs: list[np.ndarray] = dataclasses.field(default_factory=list)
+  curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
+      default_factory=dict)
+
+  def add(self, result: CaseResult, prob: np.ndarray | None,
+          ref: np.ndarray) -> None:
+    """Adds a case: its result, class probabilities and reference mask."""
+    if prob is not None and ref.any():
+      self.curves[result.case_id] = precision_recall_curve(prob, ref)
+    self.cases.append(result)
+    if self.probs is not None and prob is not None:
+      self.probs.append(prob.ravel())
+      self.refs.append(ref.ravel())
+    else:
+      self.probs = None
+
+  def finish(self, label: int, name: str) -> ClassEvaluation:
+    """The class's :class:`ClassEvaluation` (pooled APR over every voxel)."""
+    pooled = _pooled(self.cases, self.probs, self.refs, self.curves)
+    return ClassEvaluation(label, name, self.cases, pooled, _mean(self.cases),
+                           self.curves)
 
 
 def _pooled(cases: list[CaseResult], probs: list[np.ndarray] | None,
@@ -526,14 +980,17 @@ def _pooled(cases: list[CaseResult], probs: list[np.ndarray] | None,
   return pooled
 
 
+def _finite_mean(values: Iterable[float]) -> float:
+  """The mean of the finite values; NaN when there is none."""
+  values = np.array(list(values), dtype=np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else math.nan
+
+
 def _mean(cases: list[CaseResult]) -> dict[str, float]:
   rows = [c.row() for c in cases]
-  mean = {}
-  for column in COLUMNS[1:]:
-    values = np.array([r[column] for r in rows], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    mean[column] = float(values.mean()) if values.size else math.nan
-  return mean
+  return {column: _finite_mean(r[column] for r in rows)
+          for column in COLUMNS[1:]}
 
 
 # --------------------------------------------------------------------------
@@ -551,46 +1008,79 @@ def _csv_value(value: Any) -> str:
 
 
 def write_csv(result: EvaluationResult, path: str | os.PathLike[str]) -> Path:
-  """Writes ``COLUMNS`` for every case, ``pooled`` and ``mean``; NaN as ''."""
+  """Writes ``result.rows()`` under ``COLUMNS`` (``CLASS_COLUMNS`` when not
+  binary); NaN as ''."""
+  columns = COLUMNS if result.binary else CLASS_COLUMNS
   path = Path(path)
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for row in result.rows():
-      writer.writerow([_csv_value(row[c]) for c in COLUMNS])
+      writer.writerow([_csv_value(row[c]) for c in columns])
   return path
 
 
-def format_table(result: EvaluationResult) -> str:
-  """A fixed-width table: metrics in %, lesions as detected/reference."""
-  header = (f"{'case':<20} {'DSC':>6} {'Sens':>6} {'Spec':>6} {'Prec':>6} "
-            f"{'F2':>6} {'APR':>6} {'lesions':>9} {'missed':>6} {'FP-les':>6} "
-            f"{'L-F1':>6}")
-  lines = [header, "-" * len(header)]
+_TABLE_HEADER = (f"{'case':<20} {'DSC':>6} {'Sens':>6} {'Spec':>6} {'Prec':>6} "
+                 f"{'F2':>6} {'APR':>6} {'lesions':>9} {'missed':>6} "
+                 f"{'FP-les':>6} {'L-F1':>6}")
+_TABLE_RULE = "-" * len(_TABLE_HEADER)
 
+
+def format_table(result: EvaluationResult) -> str:
+  """A fixed-width table: metrics in %, lesions as detected/reference.
+
+  With classes, a block per class (``== class NAME (label K) ==``), then the
+  mean over the classes.
+  """
+  lines = [_TABLE_HEADER, _TABLE_RULE]
+  if result.binary:
+    return "\n".join(lines + _table_block(result.only()))
+  for evaluation in result.classes.values():
+    lines.append(f"== class {evaluation.name} (label {evaluation.label}) ==")
+    lines += _table_block(evaluation)
+  lines.append(f"== mean over the {len(result.classes)} classes ==")
+  lines += [_table_line(which, values, ("-", "-", "-"))
+            for which, values in result.class_mean.items()]
+  return "\n".join(lines)
+
+
+def _table_block(evaluation: ClassEvaluation) -> list[str]:
+  """The case lines of one class, a rule, then its pooled and mean lines."""
+  lines = []
+  for case in evaluation.cases:
+    les = case.lesions
+    lines.append(_table_line(case.case_id, case.metrics(),
+                             (f"{les.detected}/{les.reference}", les.missed,
+                              les.false_positive)))
+  lines.append(_TABLE_RULE)
+  p, m = evaluation.pooled, evaluation.mean
+  lines.append(_table_line("pooled", p, (
+      f"{p['detected_lesions']}/{p['ref_lesions']}", p["missed_lesions"],
+      p["fp_lesions"])))
+  lines.append(_table_line("mean", m, (
+      f"{m['detected_lesions']:.1f}/{m['ref_lesions']:.1f}",
+      f"{m['missed_lesions']:.1f}", f"{m['fp_lesions']:.1f}")))
+  return lines
+
+
+def _table_line(name: str, values: Mapping[str, float],
+                counts: tuple[Any, Any, Any]) -> str:
   def pct(v):
     return f"{100 * v:6.2f}" if math.isfinite(v) else f"{'-':>6}"
 
-  def line(name, values, counts):
-    return (f"{name[:20]:<20} " + " ".join(pct(values[k]) for k in
-                                           VOXEL_METRICS)
-            + f" {counts[0]:>9} {counts[1]:>6} {counts[2]:>6} "
-            + pct(values["lesion_f1"]))
+  return (f"{name[:20]:<20} " + " ".join(pct(values[k]) for k in VOXEL_METRICS)
+          + f" {counts[0]:>9} {counts[1]:>6} {counts[2]:>6} "
+          + pct(values["lesion_f1"]))
 
-  for case in result.cases:
-    les = case.lesions
-    lines.append(line(case.case_id, case.metrics(),
-                      (f"{les.detected}/{les.reference}", les.missed,
-                       les.false_positive)))
-  lines.append("-" * len(header))
-  p, m = result.pooled, result.mean
-  lines.append(line("pooled", p, (
-      f"{p['detected_lesions']}/{p['ref_lesions']}", p["missed_lesions"],
-      p["fp_lesions"])))
-  lines.append(line("mean", m, (
-      f"{m['detected_lesions']:.1f}/{m['ref_lesions']:.1f}",
-      f"{m['missed_lesions']:.1f}", f"{m['fp_lesions']:.1f}")))
-  return "\n".join(lines)
+
+def write_pr_plot(result: EvaluationResult,
+                  path: str | os.PathLike[str]) -> Path:
+  """Writes ``pr_curve.png``: :func:`plot_pr_curves` when binary, else
+  :func:`plot_class_pr_curves`."""
+  if result.binary:
+    only = result.only()
+    return plot_pr_curves(only.curves, only.cases, only.pooled, path)
+  return plot_class_pr_curves(result.classes, path)
 
 
 def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -602,32 +1092,61 @@ def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]],
   Uses matplotlib's Agg canvas directly (no pyplot, no global backend
   change). Curves are step plots, thinned to ``max_points`` points each.
   """
+  apr = {c.case_id: c.apr for c in cases}
+  apr["pooled"] = pooled.get("apr", math.nan)
+  fig, ax = _pr_axes()
+  per_case = [k for k in curves if k != "pooled"]
+  for i, name in enumerate(per_case):
+    _step(ax, curves[name], max_points, linewidth=1.0, alpha=0.7,
+          label=(f"{name} (AP {apr[name]:.3f})" if i < 12 else None))
+  if "pooled" in curves:
+    _step(ax, curves["pooled"], max_points, color="black", linewidth=2.5,
+          label=f"pooled (AP {apr['pooled']:.3f})")
+  return _save_pr(fig, ax, "Voxel-wise precision-recall", path)
+
+
+def plot_class_pr_curves(classes: Mapping[str, ClassEvaluation],
+                         path: str | os.PathLike[str],
+                         max_points: int = 4000) -> Path:
+  """Writes one pooled precision-recall curve per class as PNG.
+
+  A class without a pooled curve (no reference voxel, or a case without
+  probabilities) is left out.
+  """
+  fig, ax = _pr_axes()
+  for name, evaluation in classes.items():
+    if "pooled" in evaluation.curves:
+      _step(ax, evaluation.curves["pooled"], max_points, linewidth=2.0,
+            label=f"{name} (AP {evaluation.pooled['apr']:.3f})")
+  return _save_pr(fig, ax, "Voxel-wise precision-recall per class (pooled)",
+                  path)
+
+
+def _pr_axes():
+  """A figure on matplotlib's Agg canvas (no pyplot) and its axes."""
   # pylint: disable=g-import-not-at-top
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   # pylint: enable=g-import-not-at-top
-
-  apr = {c.case_id: c.apr for c in cases}
-  apr["pooled"] = pooled.get("apr", math.nan)
   fig = Figure(figsize=(6.5, 5.5), dpi=120)
   FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  per_case = [k for k in curves if k != "pooled"]
-  for i, name in enumerate(per_case):
-    precision, recall = _thin(*curves[name], max_points)
-    ax.plot(np.r_[0.0, recall], np.r_[precision[:1], precision],
-            drawstyle="steps-pre", linewidth=1.0, alpha=0.7,
-            label=(f"{name} (AP {apr[name]:.3f})" if i < 12 else None))
-  if "pooled" in curves:
-    precision, recall = _thin(*curves["pooled"], max_points)
-    ax.plot(np.r_[0.0, recall], np.r_[precision[:1], precision],
-            drawstyle="steps-pre", color="black", linewidth=2.5,
-            label=f"pooled (AP {apr['pooled']:.3f})")
+  return fig, fig.add_subplot()
+
+
+def _step(ax, curve: tuple[np.ndarray, np.ndarray], max_points: int,
+          **style) -> None:
+  """Draws a ``(precision, recall)`` curve as a step plot."""
+  precision, recall = _thin(*curve, max_points)
+  ax.plot(np.r_[0.0, recall], np.r_[precision[:1], precision],
+          drawstyle="steps-pre", **style)
+
+
+def _save_pr(fig, ax, title: str, path: str | os.PathLike[str]) -> Path:
   ax.set_xlabel("recall (sensitivity)")
   ax.set_ylabel("precision")
   ax.set_xlim(0.0, 1.0)
   ax.set_ylim(0.0, 1.02)
-  ax.set_title("Voxel-wise precision-recall")
+  ax.set_title(title)
   ax.grid(True, alpha=0.3)
   ax.legend(loc="lower left", fontsize="small")
   fig.tight_layout()
@@ -655,20 +1174,34 @@ def build_parser() -> argparse.ArgumentParser:
       description=(
           "DSC, sensitivity, specificity, precision, F2, APR and lesion-wise "
           "detection (26-connected components) of predicted masks against "
-          "reference labels, matched by case name. Writes metrics.csv and "
-          "pr_curve.png."),
+          "reference labels, matched by case name, per class for label maps "
+          "with several classes. Writes metrics.csv and pr_curve.png."),
       epilog=(
           "A reference without prediction is an error (see --allow-missing); "
           "a prediction without reference is skipped with a warning. Exit "
           "status: 0 done; 1 an input problem (one-line message); 2 invalid "
           "arguments."))
   parser.add_argument("--predictions", required=True, metavar="DIR",
-                      help="CASE.nii.gz masks and optional CASE_prob.nii.gz")
+                      help="CASE.nii.gz masks or label maps and optional "
+                      "CASE_prob.nii.gz ([x, y, z] lesion or [x, y, z, K] "
+                      "class probabilities)")
   parser.add_argument("--labels", required=True, metavar="DIR",
-                      help="reference CASE.nii.gz labels (lesion where != 0)")
+                      help="reference CASE.nii.gz labels (lesion where != 0, "
+                      "or label maps 0..K-1)")
   parser.add_argument("--output", metavar="DIR",
                       help="where metrics.csv and pr_curve.png go "
                       "(default: --predictions)")
+  parser.add_argument("--classes", default=AUTO, metavar="auto|1,2,3",
+                      help="the labels to evaluate one-vs-rest (default auto: "
+                      "the non-zero values in the data; label 1 alone is the "
+                      "binary evaluation, without class column)")
+  names = parser.add_mutually_exclusive_group()
+  names.add_argument("--class-names", metavar="NAMES",
+                     help="names of labels 0, 1, 2, ... (background first), "
+                     "separated by commas (default: the label values)")
+  names.add_argument("--dataset-json", metavar="FILE",
+                     help="class names from the \"labels\" of an nnU-Net "
+                     "dataset.json")
   parser.add_argument("--allow-missing", action="store_true",
                       help="evaluate only the cases present in both folders")
   parser.add_argument("--no-plot", action="store_true",
@@ -683,6 +1216,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --report: scans for the overlay background, "
                       "CASE_0000.nii.gz files (nnU-Net imagesTr/imagesTs); "
                       "default: grey")
+  parser.add_argument("--report-class", metavar="NAME",
+                      help="with --report and several classes: the class of "
+                      "the overlays and of the case order (default: the "
+                      "class with the fewest reference voxels)")
   return parser
 
 
@@ -690,23 +1227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status."""
   parser = build_parser()
   args = parser.parse_args(argv)
-  if args.images and not args.report:
-    parser.error("--images is only used with --report")
-  out_dir = args.output or args.predictions
-  report_path = None
+  for option in ("images", "report_class"):
+    if getattr(args, option) and not args.report:
+      parser.error(f"--{option.replace('_', '-')} is only used with --report")
   try:
-    if args.report:  # checks its inputs before the evaluation runs
-      from tversky_jax import report  # pylint: disable=g-import-not-at-top
-      files = report.collect_inputs(args.predictions, args.labels,
-                                    args.images,
-                                    allow_missing=args.allow_missing)
-    result = evaluate_folders(args.predictions, args.labels, out_dir,
-                              allow_missing=args.allow_missing,
-                              plot=not args.no_plot,
-                              progress=not args.no_progress)
-    if args.report:
-      report_path = report.write_report(result, files, args.report,
-                                        progress=not args.no_progress)
+    classes = parse_classes(args.classes)
+    names = parse_class_names(args.class_names) if args.class_names else None
+  except EvaluationError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  try:
+    result, report_path = _run(args, classes, names)
   except (EvaluationError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
@@ -717,6 +1248,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   if report_path is not None:
     print(f"Wrote {report_path}")
   return 0
+
+
+def _run(args: argparse.Namespace, classes: str | tuple[int, ...],
+         names: ClassNames | None) -> tuple[EvaluationResult, Path | None]:
+  """Checks the inputs, evaluates and writes the outputs of :func:`main`."""
+  if args.dataset_json:
+    names = read_dataset_json_names(args.dataset_json)
+  if args.report:  # checks its inputs before the evaluation runs
+    from tversky_jax import report  # pylint: disable=g-import-not-at-top
+    files = report.collect_inputs(args.predictions, args.labels, args.images,
+                                  allow_missing=args.allow_missing)
+  matched, _ = match_cases(args.predictions, args.labels,
+                           allow_missing=args.allow_missing)
+  spec = resolve_classes(matched, classes, names,
+                         progress=not args.no_progress)
+  if args.report_class is not None:
+    report.check_class_name(spec.names, args.report_class)
+  result = evaluate_folders(args.predictions, args.labels,
+                            args.output or args.predictions, classes=spec,
+                            allow_missing=args.allow_missing,
+                            plot=not args.no_plot,
+                            progress=not args.no_progress)
+  if not args.report:
+    return result, None
+  return result, report.write_report(result, files, args.report,
+                                     report_class=args.report_class,
+                                     progress=not args.no_progress)
 
 
 def _log(message: str) -> None:

@@ -5,10 +5,13 @@ Command line: ``tversky-evaluate ... --report report.html [--images DIR]``
 no external CSS; images are embedded base64 PNGs) and holds:
 
 * the metrics table: one row per case, worst DSC first, then the ``pooled``
-  and ``mean`` rows of :mod:`tversky_jax.evaluate` (the evaluator is binary,
-  lesion where non-zero, so there is one class);
+  and ``mean`` rows of :mod:`tversky_jax.evaluate`; with several classes a
+  table per class, then the mean over the classes;
 * the voxel-wise precision-recall curves (when probability maps exist);
-* per case, worst DSC first, an overlay montage. Its top row cuts through
+* per case, worst DSC first, an overlay montage. With several classes it
+  shows one class k (prediction == k against reference == k, whose DSC
+  orders the cases): ``--report-class NAME``, by default the class with the
+  fewest reference voxels (usually the lesions). Its top row cuts through
   the largest reference lesion, its bottom row through the largest
   false-positive component (26-connected components, as the lesion counts);
   a row whose component does not exist cuts through the volume centre. The
@@ -354,12 +357,18 @@ def collect_inputs(pred_dir: str | os.PathLike[str],
           for case, mask, _, ref in matched}
 
 
-def render_case(case_id: str, files: CaseFiles, panel_px: int = PANEL_PX
+def render_case(case_id: str, files: CaseFiles, panel_px: int = PANEL_PX,
+                label: int | None = None
                 ) -> tuple[bytes, tuple[Focus, Focus]]:
-  """Reads one case and renders its montage; returns ``(png, focuses)``."""
+  """Reads one case and renders its montage; returns ``(png, focuses)``.
+
+  ``label``: the class shown (voxels == label); None: lesion where non-zero.
+  """
   read = evaluate._read_volume
   reference, affine = read(files.reference)
   prediction, _ = read(files.mask)
+  if label is not None:
+    reference, prediction = reference == label, prediction == label
   image = None
   if files.image is not None:
     image, image_affine = read(files.image)
@@ -380,10 +389,31 @@ def worst_first(cases: Sequence[evaluate.CaseResult]
   return sorted(cases, key=lambda c: (c.metrics()["dsc"], c.case_id))
 
 
+def check_class_name(names: Sequence[str], name: str) -> None:
+  """Raises EvaluationError unless ``name`` (``--report-class``) is in
+  ``names``."""
+  if name not in names:
+    raise evaluate.EvaluationError(
+        f"--report-class {name}: not an evaluated class ({', '.join(names)})")
+
+
+def choose_report_class(result: evaluate.EvaluationResult,
+                        name: str | None = None) -> evaluate.ClassEvaluation:
+  """The class the montages show: ``name``, or by default the class with the
+  fewest reference voxels (ignoring absent classes; ties: lowest label)."""
+  if name is not None:
+    check_class_name(list(result.classes), name)
+    return result.classes[name]
+  present = [c for c in result.classes.values() if c.reference_voxels]
+  return min(present or result.classes.values(),
+             key=lambda c: (c.reference_voxels, c.label))
+
+
 def write_report(result: evaluate.EvaluationResult,
                  files: dict[str, CaseFiles], path: str | os.PathLike[str],
                  *, title: str = "Evaluation report",
-                 panel_px: int = PANEL_PX, progress: bool = False) -> Path:
+                 panel_px: int = PANEL_PX, progress: bool = False,
+                 report_class: str | None = None) -> Path:
   """Writes the HTML page of an evaluation.
 
   Args:
@@ -393,23 +423,29 @@ def write_report(result: evaluate.EvaluationResult,
     title: the page title.
     panel_px: size of each montage panel.
     progress: a tqdm bar over the cases.
+    report_class: the class of the montages and of the case order (see
+      :func:`choose_report_class`).
 
   Returns:
     The written path.
   """
-  cases = worst_first(result.cases)
+  shown = choose_report_class(result, report_class)
+  label = None if result.binary else shown.label
   figures = []
-  for case in tqdm(cases, desc="report", unit="case", disable=not progress):
-    png, focuses = render_case(case.case_id, files[case.case_id], panel_px)
+  for case in tqdm(worst_first(shown.cases), desc="report", unit="case",
+                   disable=not progress):
+    png, focuses = render_case(case.case_id, files[case.case_id], panel_px,
+                               label)
     figures.append(_case_figure(case, png, focuses,
                                 files[case.case_id].image is not None,
                                 panel_px))
   has_image = any(f.image is not None for f in files.values())
+  order = "" if result.binary else f" of class {html.escape(shown.name)}"
   body = [f"<h1>{html.escape(title)}</h1>",
-          _summary(result, has_image), '<div class="top"><div>',
-          "<h2>Metrics</h2>", _metrics_table(result, cases), "</div><div>",
+          _summary(result, has_image, shown), '<div class="top"><div>',
+          "<h2>Metrics</h2>", _metrics_tables(result), "</div><div>",
           _pr_curve_section(result), "</div></div>",
-          "<h2>Cases, worst DSC first</h2>", _legend(has_image),
+          f"<h2>Cases, worst DSC{order} first</h2>", _legend(has_image),
           '<div class="cases">', *figures, "</div>"]
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -442,36 +478,61 @@ def _table_row(name: str, values: dict[str, float], lesions: str,
           f"<td>{fp_lesions}</td></tr>")
 
 
-def _metrics_table(result: evaluate.EvaluationResult,
-                   cases: Sequence[evaluate.CaseResult]) -> str:
-  """One row per case (in the given order), then pooled and mean."""
-  head = "".join(f"<th>{label}</th>" for _, label in _TABLE_COLUMNS)
-  rows = [f'<table class="metrics"><thead><tr><th>case</th>{head}'
-          "<th>detected</th><th>FP les.</th></tr></thead><tbody>"]
-  for case in cases:
+def _metrics_tables(result: evaluate.EvaluationResult) -> str:
+  """The metrics table; with classes one per class, then their mean."""
+  if result.binary:
+    return _metrics_table(result.only())
+  parts = [f"<h3>Class {html.escape(c.name)} (label {c.label})</h3>"
+           + _metrics_table(c) for c in result.classes.values()]
+  parts.append(f"<h3>Mean over the {len(result.classes)} classes</h3>"
+               + _table([], [_table_row(which, values, "&ndash;", "&ndash;",
+                                        link=False)
+                             for which, values in result.class_mean.items()]))
+  return "\n".join(parts)
+
+
+def _metrics_table(evaluation: evaluate.ClassEvaluation) -> str:
+  """One row per case (worst DSC first), then pooled and mean."""
+  rows = []
+  for case in worst_first(evaluation.cases):
     les = case.lesions
     rows.append(_table_row(case.case_id, case.metrics(),
                            f"{les.detected}/{les.reference}",
                            str(les.false_positive), link=True))
-  rows.append('</tbody><tbody class="summary">')
-  pooled, mean = result.pooled, result.mean
-  rows.append(_table_row(
-      "pooled", pooled,
-      f"{pooled['detected_lesions']}/{pooled['ref_lesions']}",
-      str(pooled["fp_lesions"]), link=False))
-  rows.append(_table_row(
-      "mean", mean, f"{mean['detected_lesions']:.1f}/{mean['ref_lesions']:.1f}",
-      f"{mean['fp_lesions']:.1f}", link=False))
-  rows.append("</tbody></table>")
-  return "\n".join(rows)
+  pooled, mean = evaluation.pooled, evaluation.mean
+  return _table(rows, [
+      _table_row("pooled", pooled,
+                 f"{pooled['detected_lesions']}/{pooled['ref_lesions']}",
+                 str(pooled["fp_lesions"]), link=False),
+      _table_row("mean", mean,
+                 f"{mean['detected_lesions']:.1f}/{mean['ref_lesions']:.1f}",
+                 f"{mean['fp_lesions']:.1f}", link=False)])
 
 
-def _summary(result: evaluate.EvaluationResult, has_image: bool) -> str:
-  pooled = result.pooled
-  text = (f"{len(result.cases)} case(s); pooled DSC {_pct(pooled['dsc'])} %, "
-          f"sensitivity {_pct(pooled['sensitivity'])} %, precision "
-          f"{_pct(pooled['precision'])} %. Metrics in %; lesions are "
-          "26-connected components.")
+def _table(rows: Sequence[str], summary_rows: Sequence[str]) -> str:
+  """The table of :func:`_table_row` rows, the summary rows in bold."""
+  head = "".join(f"<th>{label}</th>" for _, label in _TABLE_COLUMNS)
+  return "\n".join(
+      [f'<table class="metrics"><thead><tr><th>case</th>{head}'
+       "<th>detected</th><th>FP les.</th></tr></thead><tbody>", *rows,
+       '</tbody><tbody class="summary">', *summary_rows, "</tbody></table>"])
+
+
+def _summary(result: evaluate.EvaluationResult, has_image: bool,
+             shown: evaluate.ClassEvaluation) -> str:
+  if result.binary:
+    pooled, text = shown.pooled, f"{len(shown.cases)} case(s); pooled"
+  else:
+    pooled = result.class_mean["pooled"]
+    text = (f"{len(shown.cases)} case(s), {len(result.classes)} classes; "
+            "mean over the classes of the pooled")
+  text += (f" DSC {_pct(pooled['dsc'])} %, sensitivity "
+           f"{_pct(pooled['sensitivity'])} %, precision "
+           f"{_pct(pooled['precision'])} %. Metrics in %; lesions are "
+           "26-connected components.")
+  if not result.binary:
+    text += (f" The overlays show class {html.escape(shown.name)} (label "
+             f"{shown.label}; choose with --report-class).")
   if not has_image:
     text += " No scans were given (--images), so overlays are on grey."
   return f"<p>{text}</p>"
@@ -479,15 +540,13 @@ def _summary(result: evaluate.EvaluationResult, has_image: bool) -> str:
 
 def _pr_curve_section(result: evaluate.EvaluationResult) -> str:
   """The PR-curve figure: the evaluator's pr_curve.png, or a fresh one."""
-  if not result.curves:
+  if not result.has_pr_curves:
     return "<p>No probability maps, so no precision-recall curve.</p>"
   if result.plot_path is not None and result.plot_path.is_file():
     png = result.plot_path.read_bytes()
   else:
     with tempfile.TemporaryDirectory() as tmp:
-      png = evaluate.plot_pr_curves(result.curves, result.cases,
-                                    result.pooled,
-                                    Path(tmp) / "pr.png").read_bytes()
+      png = evaluate.write_pr_plot(result, Path(tmp) / "pr.png").read_bytes()
   return ('<h2>Precision-recall</h2><img class="pr" alt="precision-recall '
           f'curves" src="{_data_uri(png)}">')
 

@@ -69,7 +69,8 @@ def main(argv):
           flags.FLAGS["config"].config_filename))[0])
   try:
     summary = train_lib.train_and_evaluate(config, workdir)
-  except (train_lib.ConfigError, train_lib.TrainingDiverged, DatasetError,
+  except (train_lib.ConfigError, train_lib.TrainingDiverged,
+          train_lib.TrainingStuck, DatasetError,
           CheckpointError) as error:
     sys.exit(f"error: {error}")
   if not summary.interrupted and jax.process_index() == 0:

@@ -15,9 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthesize_if_missing = True
   config.data.synthetic_cases = 12
   config.data.synthetic_shape = (48, 48, 48)
-  config.data.num_val_cases = 2
-  config.data.patch_shape = (32, 32, 32)
-  config.data.foreground_fraction = 0.5
 
   config.model.base_features = 8
   config.model.depth = 3

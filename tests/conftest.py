@@ -36,3 +36,22 @@ def straight_run(tiny_dataset, tmp_path_factory):
   assert summary.step == 6 and not summary.interrupted
   step, params = helpers.saved_params(workdir, config)
   return workdir, step, params
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session.
+
+  Many tests compile the same train step (same config, same shapes); with
+  the cache each distinct program compiles once per test session, in this
+  process and in the train.py subprocesses the tests start.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return path

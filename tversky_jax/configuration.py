@@ -84,6 +84,14 @@ def validate_config(config: ml_collections.ConfigDict,
     require(config.train[key] >= 0, f"train.{key}", "must be >= 0 (0: never)")
   require(config.train.keep_checkpoints >= 1, "train.keep_checkpoints",
           "must be >= 1")
+  require(config.train.stuck_patience >= 0, "train.stuck_patience",
+          "must be >= 0 (0: never)")
+  require(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps",
+          "must be >= 0")
+  require(config.model.init in unet3d.INITS, "model.init",
+          f"expected one of {unet3d.INITS}")
+  require(config.model.head_bias in ("prior", "zero"), "model.head_bias",
+          "expected 'prior' or 'zero'")
   require(config.train.best_metric in METRICS, "train.best_metric",
           f"expected one of {METRICS}")
   patch = tuple(config.data.patch_shape)

@@ -3,8 +3,10 @@
 :func:`class_probabilities` runs the sliding window over one image as the
 network sees it; :func:`segment` turns probabilities into a label map;
 :func:`evaluate_cases` scores validation cases on each scan's own grid with
-the project's one per-case evaluator (:func:`tversky_jax.evaluate.
-evaluate_case`, one-vs-rest per foreground class).
+the project's one per-case evaluator
+(:func:`tversky_jax.evaluate.evaluate_case_classes`, one-vs-rest per
+foreground class) and its aggregation (:class:`tversky_jax.evaluate.
+ClassPool`), as ``tversky-evaluate`` does.
 """
 
 from __future__ import annotations
@@ -86,21 +88,21 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
     the plain names (what ``train.best_metric`` ranks).
   """
   inf = config.inference
-  per_class = {k: ([], [], []) for k in range(1, len(class_names))}
+  classes = tuple(range(1, len(class_names)))
+  pools = {k: evaluate.ClassPool() for k in classes}
   for case in cases:
     probs = class_probabilities(
         case.image, logits_fn, window, overlap=inf.overlap,
         batch_size=inf.batch_size, mirror=inf.mirror, devices=devices)
     if case.meta is not None:
       probs = preprocessing.resample_to_original(probs, case.meta)
-    prediction = segment(probs, inf.threshold)
-    for k, (results, scores, refs) in per_class.items():
-      reference = case.label == k
-      results.append(evaluate.evaluate_case(
-          prediction == k, reference, probs[..., k], case.case_id))
-      scores.append(probs[..., k].ravel())
-      refs.append(reference.ravel())
-  values = {k: _summary(*lists) for k, lists in per_class.items()}
+    results = evaluate.evaluate_case_classes(
+        segment(probs, inf.threshold), case.label, probs, case.case_id,
+        classes, list(class_names))
+    for k, result in zip(classes, results.values()):
+      pools[k].add(result, probs[..., k], case.label == k)
+  values = {k: _summary(pools[k].finish(k, class_names[k]))
+            for k in classes}
   if len(class_names) == 2:
     return values[1]
   result = {f"{name}/{class_names[k]}": value
@@ -110,12 +112,9 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
   return result
 
 
-def _summary(results, scores, refs) -> dict[str, float]:
+def _summary(evaluation: evaluate.ClassEvaluation) -> dict[str, float]:
   """Mean over cases and pooled values of :data:`METRICS`."""
-  if not results:
-    return {name: float("nan") for name in METRICS}
-  mean = evaluate._mean(results)  # pylint: disable=protected-access
-  pooled = evaluate._pooled(results, scores, refs, {})  # pylint: disable=protected-access
-  values = {name: mean[name] for name in METRICS}
-  values.update({f"pooled_{name}": pooled[name] for name in METRICS})
+  values = {name: float(evaluation.mean[name]) for name in METRICS}
+  values.update({f"pooled_{name}": float(evaluation.pooled[name])
+                 for name in METRICS})
   return values

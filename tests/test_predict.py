@@ -299,7 +299,7 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
             "--no-progress"]
   assert predict.main([*common, "--input", str(run.root),
                        "--window", "18", "16", "16"]) == 1
-  assert "multiple of 2**depth = 4" in _one_error_line(capsys)
+  assert "multiple of the network's divisors (4, 4, 4)" in _one_error_line(capsys)
   assert predict.main([*common, "--input", str(tmp_path / "nowhere")]) == 1
   assert "no such directory" in _one_error_line(capsys)
   assert predict.main([*common, "--input", str(run.root),

@@ -120,5 +120,5 @@ def test_paper_network_without_normalisation_learns_on_a_tiny_case(
     losses = [r["train/loss"] for r in records]
     norms = [r["train/grad_norm"] for r in records]
     assert summary.step == 40
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, (seed, losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, (seed, losses)
     assert min(norms[-5:]) > 1e-3 * max(norms[:5]), (seed, norms)

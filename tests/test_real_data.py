@@ -5,7 +5,6 @@ unnormalised network does not collapse on a tiny case.
 """
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np

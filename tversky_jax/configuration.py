@@ -141,6 +141,16 @@ def lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return value
 
 
+def check_patch_shape(patch_shape, divisors) -> None:
+  """Raises ConfigError unless every patch size is a multiple of its axis'
+  divisor (the product of the network's pooling strides on that axis)."""
+  if patch_shape and any(p % d for p, d in zip(patch_shape, divisors)):
+    raise ConfigError(
+        f"config.data.patch_shape={patch_shape}: each size must be a "
+        f"multiple of the network's divisors {divisors} (its pooling "
+        "strides per axis)")
+
+
 # Keys whose change makes a checkpoint unloadable (parameter or optimizer
 # state structure) or its data position meaningless (grain's state layout).
 STRUCTURAL_KEYS = ("model.base_features", "model.depth", "model.strides",

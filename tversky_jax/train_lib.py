@@ -35,16 +35,15 @@ from tversky_jax import configuration
 from tversky_jax import parallel
 from tversky_jax import plot_run
 from tversky_jax import preemption
+from tversky_jax import run_health
 from tversky_jax import train_state as train_state_lib
 from tversky_jax import training_data
 from tversky_jax import validation
 from tversky_jax.configuration import ConfigError
-from tversky_jax.configuration import METRICS
-from tversky_jax.data import augmentation
+from tversky_jax.run_health import TrainingDiverged
+from tversky_jax.run_health import TrainingStuck
 from tversky_jax.data import pipeline
-from tversky_jax.data import planning
 from tversky_jax.metric_writer import MetricWriter
-from tversky_jax.models import unet3d
 
 # Logged steps in the running mean of the training loss: single batches jump
 # between ~0.3 and 1.0 (a patch without foreground scores 1).
@@ -52,14 +51,6 @@ LOSS_WINDOW = 20
 
 __all__ = ["ConfigError", "TrainingDiverged", "TrainingStuck", "TrainSummary",
            "train_and_evaluate"]
-
-
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite."""
-
-
-class TrainingStuck(RuntimeError):
-  """The gradient vanished for ``train.stuck_patience`` steps in a row."""
 
 
 @dataclasses.dataclass
@@ -124,10 +115,10 @@ class _Run:
     self.is_lead = jax.process_index() == 0
     self.progress = progress and self.is_lead
     self.data = training_data.load(config, workdir, progress=self.progress)
-    self.spec = model_spec(config, self.data)
+    self.spec = training_data.model_spec(config, self.data)
     divisors = self.spec.divisors(config.model.depth)
     patch_shape = tuple(config.data.patch_shape) or None
-    _check_patch(patch_shape, divisors)
+    configuration.check_patch_shape(patch_shape, divisors)
     whole = pipeline.whole_volume_shape(self.data.train_cases, divisors)
     self.window = tuple(config.inference.window) or patch_shape or whole
     self.batch_voxels = config.train.batch_size * math.prod(
@@ -139,7 +130,7 @@ class _Run:
         config, self.spec, self.mesh)
     self.train_step = train_state_lib.make_train_step(
         graphdef, train_state_lib.make_loss_fn(config), self.mesh,
-        augment=augment_config(config, self.data.num_classes),
+        augment=train_state_lib.augment_config(config, self.data.num_classes),
         seed=config.seed)
     self.logits = train_state_lib.make_logits_fn(graphdef)
     self.schedule = train_state_lib.make_schedule(config)
@@ -159,7 +150,7 @@ class _Run:
     self.step = self.saved_step = self.start_step = 0
     self.last_loss = math.nan
     self.losses = collections.deque(maxlen=LOSS_WINDOW)
-    self.stuck = _StuckDetector(config.train.stuck_patience)
+    self.stuck = run_health.StuckDetector(config.train.stuck_patience)
     self.final_metrics: dict[str, float] = {}
     self.pending = None  # (step, metrics) of the step not yet checked
 
@@ -233,7 +224,7 @@ class _Run:
     if self.pending is not None:
       step, step_metrics = self.pending
       self.pending = None
-      self.last_loss = _check_finite(step_metrics, step, self.manager)
+      self.last_loss = run_health.check_finite(step_metrics, step, self.manager)
       self.losses.append(self.last_loss)
       self.stuck.update(step, self.last_loss, float(step_metrics["grad_norm"]))
 
@@ -260,12 +251,12 @@ class _Run:
     local_state = parallel.localize(self.state, self.local_mesh)
     values = validation.evaluate_cases(
         self.data.val_cases, lambda x: self.logits(local_state, x),
-        self.config, self.window, class_names(self.data.dataset),
+        self.config, self.window, training_data.class_names(self.data.dataset),
         list(self.local_mesh.devices.flat))
     self.final_metrics = values
     self.writer.write(self.step, {f"val/{k}": v for k, v in values.items()})
     if self.is_lead:
-      tqdm.tqdm.write(f"step {self.step}: " + _format_metrics(values))
+      tqdm.tqdm.write(f"step {self.step}: " + validation.format_metrics(values))
     return {k: v for k, v in values.items() if np.isfinite(v)}
 
   def _save(self, metrics: dict[str, float] | None = None) -> None:
@@ -275,7 +266,7 @@ class _Run:
         self.step, self.state, data_state=self.data_iter.get_state(),
         meta={"config": self.config.to_dict(), "metrics": metrics or {},
               "channel_names": list(self.data.dataset.channel_names),
-              "class_names": class_names(self.data.dataset),
+              "class_names": training_data.class_names(self.data.dataset),
               "model": self.spec.to_dict(),
               "plan": self.data.plan.to_json() if self.data.plan else None,
               "dataset_root": os.path.abspath(self.config.data.root)},
@@ -296,88 +287,11 @@ class _Run:
       _plot_curves(self.workdir)
       if not interrupted and best_metrics:
         _log(f"Best validation {self.config.train.best_metric} at step "
-             f"{best_step}: " + _format_metrics(best_metrics))
+             f"{best_step}: " + validation.format_metrics(best_metrics))
     return TrainSummary(step=self.step, interrupted=interrupted,
                         last_loss=self.last_loss, best_step=best_step,
                         best_metrics=best_metrics,
                         final_metrics=self.final_metrics)
-
-
-def class_names(dataset) -> list[str]:
-  """Name of every softmax class (``class_k`` where dataset.json has none)."""
-  names = {int(v): k for k, v in dataset.labels.items()
-           if isinstance(v, int)}
-  return [names.get(k, f"class_{k}")
-          for k in range(training_data.num_classes_of(dataset))]
-
-
-def model_spec(config, data: training_data.TrainingData
-               ) -> train_state_lib.ModelSpec:
-  """The network's shape for this run: channels, classes, strides, bias."""
-  strides = tuple(tuple(int(v) for v in s) for s in config.model.strides)
-  if not strides and data.plan is not None:
-    strides = planning.stage_strides(data.plan.target_spacing,
-                                     config.model.depth)
-  if strides == unet3d.default_strides(config.model.depth):
-    strides = ()  # the paper's network, and its parameter tree
-  head_bias = None
-  if config.model.head_bias == "prior":
-    counts = sum(np.bincount(np.asarray(c.label).ravel(),
-                             minlength=data.num_classes)[:data.num_classes]
-                 for c in data.train_cases)
-    head_bias = tuple(float(v) for v in
-                      np.log((counts + 1.0) / (counts.sum() + 1.0)))
-  return train_state_lib.ModelSpec(data.dataset.num_channels,
-                                   data.num_classes, strides or None,
-                                   head_bias)
-
-
-def augment_config(config, num_classes: int):
-  """The on-device augmentation of ``config.augment``; None when it is off."""
-  if not config.augment.enabled:
-    return None
-  return augmentation.AugmentConfig.from_dict(
-      dict(config.augment.to_dict(), num_classes=num_classes))
-
-
-def _check_patch(patch_shape, divisors) -> None:
-  if patch_shape and any(p % d for p, d in zip(patch_shape, divisors)):
-    raise ConfigError(
-        f"config.data.patch_shape={patch_shape}: each size must be a "
-        f"multiple of the network's divisors {divisors} (its pooling "
-        "strides per axis)")
-
-
-class _StuckDetector:
-  """Notices a run whose gradient has vanished (a collapsed network).
-
-  A network that predicts only background (e.g. the paper's network without
-  normalisation on a hard task) has a loss stuck near its untrained value
-  and a gradient norm orders of magnitude below the first steps'. After
-  ``patience`` such steps in a row, :meth:`update` raises TrainingStuck.
-  """
-
-  def __init__(self, patience: int):
-    self.patience = patience
-    self.first_norm = None
-    self.count = 0
-
-  def update(self, step: int, loss: float, grad_norm: float) -> None:
-    if not self.patience:
-      return
-    if self.first_norm is None:
-      self.first_norm = max(grad_norm, 1e-30)
-    vanished = grad_norm < 1e-3 * self.first_norm
-    self.count = self.count + 1 if vanished else 0
-    if self.count >= self.patience:
-      raise TrainingStuck(
-          f"training is stuck at step {step}: the gradient norm "
-          f"({grad_norm:.3g}) has been below 1/1000 of the first step's "
-          f"({self.first_norm:.3g}) for {self.count} steps, loss {loss:.4f}; "
-          "the network has collapsed (it predicts one class everywhere). "
-          "Try --config.model.normalization=instance, "
-          "--config.loss.name=tversky_ce, --config.model.head_bias=prior or "
-          "another optimizer.learning_rate; the last checkpoint is kept.")
 
 
 def _make_workdir(workdir: str) -> None:
@@ -388,36 +302,12 @@ def _make_workdir(workdir: str) -> None:
                       f"({error.strerror or error})") from None
 
 
-def _check_finite(step_metrics, step: int, manager) -> float:
-  # The loss of step k comes from the parameters before its update; a finite
-  # gradient norm too means the updated parameters are finite.
-  loss = float(step_metrics["loss"])
-  if not (np.isfinite(loss) and np.isfinite(float(step_metrics["grad_norm"]))):
-    manager.wait()
-    latest = manager.latest_step()
-    kept = (f"the last good checkpoint (step {latest}) is kept"
-            if latest is not None else "no checkpoint had been written yet")
-    raise TrainingDiverged(
-        f"the loss (or its gradient) became "
-        f"{loss if not np.isfinite(loss) else 'inf/nan'} at step {step}; "
-        f"training stopped and {kept}. Lower optimizer.learning_rate, set "
-        "optimizer.grad_clip_norm, or check the data.")
-  return loss
-
-
 def _plot_curves(workdir: str) -> None:
   """Writes workdir/curves.png; a plot that fails never fails the run."""
   try:
     plot_run.plot_curves([workdir], os.path.join(workdir, "curves.png"))
   except (plot_run.RunError, OSError, ValueError) as error:
     _log(f"note: no training curves ({error}).")
-
-
-def _format_metrics(values: dict[str, float]) -> str:
-  text = "  ".join(f"{k} {values[k]:.4f}" for k in METRICS if k in values)
-  per_class = [f"{k[4:]} {v:.4f}" for k, v in values.items()
-               if k.startswith("dsc/")]
-  return text + (f"  (dsc: {', '.join(per_class)})" if per_class else "")
 
 
 def _log(message: str) -> None:

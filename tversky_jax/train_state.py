@@ -102,6 +102,14 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       staircase=True)
 
 
+def augment_config(config, num_classes: int):
+  """The on-device augmentation of ``config.augment``; None when it is off."""
+  if not config.augment.enabled:
+    return None
+  return augmentation.AugmentConfig.from_dict(
+      dict(config.augment.to_dict(), num_classes=num_classes))
+
+
 def make_optimizer(config: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
   """optax optimizer with the staircase exponential decay of the paper.

@@ -22,12 +22,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from tversky_jax import train_state as train_state_lib
 from tversky_jax.configuration import ConfigError
 from tversky_jax.data import nifti
 from tversky_jax.data import pipeline
 from tversky_jax.data import planning
 from tversky_jax.data import preprocessing
 from tversky_jax.data import synthetic
+from tversky_jax.models import unet3d
 
 
 @dataclasses.dataclass
@@ -119,6 +121,35 @@ def _plan_and_preprocess(config, dataset, workdir, progress):
     raise ConfigError(f"config.data.cache_dir={out_dir!r}: cannot plan or "
                       f"preprocess there ({error})") from None
   return plan, os.path.join(out_dir, preprocessing.CASES_DIR)
+
+
+def class_names(dataset) -> list[str]:
+  """Name of every softmax class (``class_k`` where dataset.json has none)."""
+  names = {int(v): k for k, v in dataset.labels.items()
+           if isinstance(v, int)}
+  return [names.get(k, f"class_{k}")
+          for k in range(num_classes_of(dataset))]
+
+
+def model_spec(config, data: TrainingData
+               ) -> train_state_lib.ModelSpec:
+  """The network's shape for this run: channels, classes, strides, bias."""
+  strides = tuple(tuple(int(v) for v in s) for s in config.model.strides)
+  if not strides and data.plan is not None:
+    strides = planning.stage_strides(data.plan.target_spacing,
+                                     config.model.depth)
+  if strides == unet3d.default_strides(config.model.depth):
+    strides = ()  # the paper's network, and its parameter tree
+  head_bias = None
+  if config.model.head_bias == "prior":
+    counts = sum(np.bincount(np.asarray(c.label).ravel(),
+                             minlength=data.num_classes)[:data.num_classes]
+                 for c in data.train_cases)
+    head_bias = tuple(float(v) for v in
+                      np.log((counts + 1.0) / (counts.sum() + 1.0)))
+  return train_state_lib.ModelSpec(data.dataset.num_channels,
+                                   data.num_classes, strides or None,
+                                   head_bias)
 
 
 def prepare_dataset(config: ml_collections.ConfigDict

@@ -118,3 +118,11 @@ def _summary(evaluation: evaluate.ClassEvaluation) -> dict[str, float]:
   values.update({f"pooled_{name}": float(evaluation.pooled[name])
                  for name in METRICS})
   return values
+
+
+def format_metrics(values: dict[str, float]) -> str:
+  """One line of validation metrics (and the DSC of each class)."""
+  text = "  ".join(f"{k} {values[k]:.4f}" for k in METRICS if k in values)
+  per_class = [f"{k[4:]} {v:.4f}" for k, v in values.items()
+               if k.startswith("dsc/")]
+  return text + (f"  (dsc: {', '.join(per_class)})" if per_class else "")

@@ -15,7 +15,6 @@ import jax
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from tversky_jax import cli
 from tversky_jax import parallel
@@ -23,12 +22,8 @@ from tversky_jax import train_lib
 from tversky_jax.checkpoint import CheckpointError
 from tversky_jax.data.nifti import DatasetError
 
-try:  # the default file is read (and overridden) right here
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", "configs/demo.py", "Training configuration file.",
-      lock_config=True)
-except Exception as error:  # pylint: disable=broad-except
-  sys.exit(f"error: {cli.flag_error_message(error, sys.argv)}")
+_CONFIG = cli.define_config_file("configs/demo.py",
+                                  "Training configuration file.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for checkpoints and metrics (default: runs/<config name>). In "

@@ -28,6 +28,20 @@ def flag_error_message(error: Exception, argv: list[str]) -> str:
   return _unknown_key_message(error, argv) or one_line(error)
 
 
+def define_config_file(default: str, help_text: str) -> Any:
+  """``config_flags.DEFINE_config_file("config", ...)``, one line on error.
+
+  ml_collections reads the default file and applies ``--config.KEY``
+  overrides right here, before absl parses anything else.
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text,
+                                           lock_config=True)
+  except Exception as error:  # pylint: disable=broad-except
+    sys.exit(f"error: {flag_error_message(error, sys.argv)}")
+
+
 def load_config(config_flag: Any, filename: str) -> Any:
   """The value of an ml_collections config-file flag, or exits with a line.
 

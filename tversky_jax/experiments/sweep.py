@@ -725,14 +725,9 @@ def cli(argv: Sequence[str] | None = None) -> None:
   from absl import app
   from absl import flags
   from absl import logging
-  from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top
-  try:  # the default file is read (and overridden) right here
-    config_flag = config_flags.DEFINE_config_file(
-        "config", "configs/sweep.py", "Sweep configuration file.",
-        lock_config=True)
-  except Exception as error:  # pylint: disable=broad-except
-    sys.exit(f"error: {cli_lib.flag_error_message(error, sys.argv)}")
+  config_flag = cli_lib.define_config_file("configs/sweep.py",
+                                           "Sweep configuration file.")
   workdir_flag = flags.DEFINE_string(
       "workdir", "runs/sweep", "Folder of the sweep's runs and report.")
   report_only_flag = flags.DEFINE_bool(

@@ -129,20 +129,94 @@ def test_one_window_equals_the_direct_forward_pass(run):
   direct = 1.0 - np.asarray(jax.nn.softmax(logits, axis=-1))[..., 0]
   assert prob.shape == SHAPE and prob.dtype == np.float32
   np.testing.assert_allclose(prob, direct, rtol=1e-5, atol=1e-6)
-  # The restored parameters are those train_lib restores (the predictor
-  # restores onto an abstract state; here a concretely initialised one).
+
+
+def test_predictor_reads_the_model_without_the_optimizer(run, tmp_path):
+  predictor = predict.load_predictor(run.workdir, "latest", window=SHAPE)
+  image, _, _ = nifti.load_image_files(_image_paths(run.root, "test_000"))
+  image = nifti.normalize_image(image)
+  # The full train state {0: model, 1: optimizer}, restored as train_lib
+  # does (onto a concretely initialised state).
   mesh = parallel.make_mesh(jax.devices())
   graphdef, state = train_state.create_train_state(run.config, 3, mesh)
   manager = checkpoint.CheckpointManager(run.workdir / "checkpoints",
-                                         async_save=False)
-  restored = manager.restore(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                  sharding=x.sharding), state),
-      step=2)
+                                         async_save=False, best_metric=None)
+  full_target = train_state.abstract_state(state)
+  full = manager.restore(full_target, step=2).state
+  meta = manager.restore_meta(2)
   manager.close()
-  reference = train_state.make_logits_fn(graphdef)(restored.state, image[None])
-  np.testing.assert_allclose(np.asarray(reference)[0], logits, rtol=1e-5,
-                             atol=1e-6)
+  assert jax.tree.leaves(full[1])  # the checkpoint has optimizer moments
+  # The predictor holds the model's variables only: no optimizer leaf.
+  assert list(predictor._state.keys()) == [0]
+  restored = jax.tree.leaves(predictor._state)
+  expected = jax.tree.leaves(full[0])
+  assert len(restored) == len(expected)
+  for a, b in zip(restored, expected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # It predicts exactly what the full train state predicts.
+  reference = predict.Predictor(
+      predictor.config, graphdef, full, channel_names=CHANNELS,
+      spec=predictor.spec, window=SHAPE)
+  prob = predictor.predict_probability(image)
+  np.testing.assert_array_equal(prob, reference.predict_probability(image))
+  # A checkpoint without any optimizer state loads as well.
+  model_only = tmp_path / "model_only"
+  manager = checkpoint.CheckpointManager(model_only / "checkpoints",
+                                         async_save=False, best_metric=None)
+  manager.save(2, predictor._state, data_state=None, meta=meta)
+  manager.wait()
+  with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+    manager.restore(full_target, step=2)  # the full path cannot read it
+  manager.close()
+  again = predict.load_predictor(model_only, "latest", window=SHAPE)
+  np.testing.assert_array_equal(again.predict_probability(image), prob)
+  # A model that does not fit the checkpoint (3 classes, 2 saved) is named.
+  other = tmp_path / "three_classes"
+  manager = checkpoint.CheckpointManager(other / "checkpoints",
+                                         async_save=False, best_metric=None)
+  manager.save(2, predictor._state, data_state=None,
+               meta=dict(meta, model=dict(meta["model"], num_classes=3)))
+  manager.close()
+  with pytest.raises(predict.PredictError,
+                     match=r"step 2 .* is unreadable .*shape.*\(2,\).*match "
+                     r"it\?"):
+    predict.load_predictor(other)
+
+
+def test_restore_subtree_reads_a_branch_and_fails_in_one_line(tmp_path):
+  state = {"model": {"w": np.arange(6, dtype=np.float32)},
+           "optimizer": {"mu": np.full(50_000, 7.0, np.float32)}}
+  manager = checkpoint.CheckpointManager(tmp_path, async_save=False,
+                                         best_metric=None)
+  manager.save(1, state, data_state=None, meta={})
+  manager.wait()
+  target = {"model": {"w": jax.ShapeDtypeStruct((6,), np.float32)}}
+  restored = manager.restore_subtree(target, 1)
+  assert list(restored) == ["model"]
+  np.testing.assert_array_equal(restored["model"]["w"], state["model"]["w"])
+  # A leaf the checkpoint lacks or holds with another shape, a missing step.
+  for bad_target, bad_step, reason in (
+      ({"model": {"v": jax.ShapeDtypeStruct((6,), np.float32)}}, 1,
+       r"model\.v is not in the checkpoint"),
+      ({"model": {"w": jax.ShapeDtypeStruct((5,), np.float32)}}, 1,
+       r"model\.w has the shape \(6,\) in the checkpoint, expected \(5,\)"),
+      (target, 2, "")):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"^checkpoint of step \d in .* is unreadable "
+                       rf"\(.*{reason}") as error:
+      manager.restore_subtree(bad_target, bad_step)
+    assert "\n" not in str(error.value)
+  files = sorted((p for p in (tmp_path / "1" / "state").rglob("*")
+                  if p.is_file()), key=lambda p: p.stat().st_size,
+                 reverse=True)
+  with open(files[0], "r+b") as f:  # the largest file holds the arrays
+    f.truncate(files[0].stat().st_size // 3)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="checkpoint of step 1 .* is unreadable") as error:
+    manager.restore_subtree(
+        {"optimizer": {"mu": jax.ShapeDtypeStruct((50_000,), np.float32)}}, 1)
+  assert "\n" not in str(error.value)
+  manager.close()
 
 
 def test_function_api_on_a_plain_folder(run, cli_output, tmp_path):

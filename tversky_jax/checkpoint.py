@@ -9,6 +9,9 @@ A checkpoint holds three items:
   and flips derive from the seed and this position);
 * ``meta``: JSON with the step, the run's config and the validation metrics.
 
+Prediction reads a part of ``state`` only (the model's variables, not the
+optimizer's moments: :meth:`CheckpointManager.restore_subtree`).
+
 The latest ``max_to_keep`` checkpoints are kept, plus the best one by a
 validation metric. A checkpoint that cannot be read back (a killed write, a
 truncated file) is skipped with a warning and the previous one is used.
@@ -32,6 +35,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 PyTree = Any
 
 _ITEMS = ("state", "data", "meta")
+# How the manager names its step folders: the step number ("1234"), orbax's
+# default without a step_prefix or fixed length; restore_subtree finds the
+# folder of a step with it.
+_STEP_FORMAT = ocp.path.step.standard_name_format()
 
 
 class CheckpointError(RuntimeError):
@@ -205,10 +212,50 @@ class CheckpointManager:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as error:  # orbax/tensorstore raise many kinds
-      raise CheckpointError(
-          f"checkpoint of step {step} in {self.directory} is unreadable "
-          f"({type(error).__name__}: {_first_line(error)})") from error
+      raise self._read_error(step, error) from error
     return dict(restored.meta)
+
+  def restore_subtree(self, abstract_subtree: PyTree, step: int) -> PyTree:
+    """Reads only the leaves of ``abstract_subtree`` from the state of ``step``.
+
+    Nothing else of the checkpoint is read or allocated: prediction restores
+    the model's variables without the optimizer's moments (two more copies
+    of the parameters under Adam). The checkpoint format is the one
+    :meth:`save` writes; the sub-tree is read with orbax's partial restore
+    (``PyTreeRestore(partial_restore=True)``) by a separate checkpointer, as
+    the manager's ``state`` item is bound to ``StandardRestore``, which
+    reads whole trees only.
+
+    Args:
+      abstract_subtree: a pytree of ``jax.ShapeDtypeStruct`` (with
+        shardings) of the saved state's structure with whole branches left
+        out, e.g. ``nnx.State({0: model})`` of a state saved as ``{0: model,
+        1: optimizer}``. Every leaf must exist in the checkpoint with this
+        shape.
+      step: the step to read (an existing one, see :meth:`all_steps`).
+
+    Returns:
+      The pytree of ``abstract_subtree``'s structure, its leaves ``jax.Array``
+      on the given shardings.
+
+    Raises:
+      CheckpointError: the step is missing or unreadable, or a leaf of
+        ``abstract_subtree`` is not in it (or has another shape).
+    """
+    restore_args = ocp.checkpoint_utils.construct_restore_args(
+        abstract_subtree)
+    args = ocp.args.PyTreeRestore(item=abstract_subtree,
+                                  restore_args=restore_args,
+                                  partial_restore=True)
+    try:
+      path = ocp.path.step.find_step_path(self.directory, _STEP_FORMAT,
+                                          step=step)
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(path / "state", args=args)
+      _check_subtree(restored, abstract_subtree)
+    except Exception as error:  # orbax/tensorstore raise many kinds
+      raise self._read_error(step, error) from error
+    return restored
 
   def _restore_step(self, abstract_state: PyTree, step: int) -> Restored:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -217,12 +264,30 @@ class CheckpointManager:
     try:
       restored = self._manager.restore(step, args=args)
     except Exception as error:  # orbax/tensorstore raise many kinds
-      raise CheckpointError(
-          f"checkpoint of step {step} in {self.directory} is unreadable "
-          f"({type(error).__name__}: {_first_line(error)})") from error
+      raise self._read_error(step, error) from error
     return Restored(step=step, state=restored.state,
                     data_state=dict(restored.data) or None,
                     meta=dict(restored.meta))
+
+  def _read_error(self, step: int, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint of step {step} in {self.directory} is unreadable "
+        f"({type(error).__name__}: {_first_line(error)})")
+
+
+def _check_subtree(restored: PyTree, abstract: PyTree) -> None:
+  """Raises ValueError unless every leaf of ``abstract`` was read with its
+  shape: a partial restore leaves a leaf missing from the checkpoint as the
+  ``jax.ShapeDtypeStruct`` it was given and reads a leaf of another shape
+  as saved, both silently."""
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored),
+                               jax.tree.leaves(abstract)):
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
+    if isinstance(got, jax.ShapeDtypeStruct):
+      raise ValueError(f"{name} is not in the checkpoint")
+    if tuple(got.shape) != tuple(want.shape):
+      raise ValueError(f"{name} has the shape {tuple(got.shape)} in the "
+                       f"checkpoint, expected {tuple(want.shape)}")
 
 
 def _metric_getter(name: str, mode: str):

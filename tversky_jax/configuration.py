@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,107 +29,152 @@ class ConfigError(ValueError):
   """A configuration value is invalid; the message is one line."""
 
 
+# ``require(condition, key, expected)``: raises a ConfigError naming
+# ``config.key``, its value and ``expected`` unless ``condition`` holds.
+_Require = Callable[[bool, str, str], None]
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_devices: int | None = None) -> None:
   """Checks every value before anything is compiled or read.
+
+  The sections are checked in the order loss, optimizer, model, train, data,
+  inference.
+
+  Args:
+    config: a config with the keys of ``configs/default.py``.
+    num_devices: the devices the global batch is split over (default: all).
 
   Raises:
     ConfigError: naming the first bad key, its value and what is expected.
   """
   num_devices = jax.device_count() if num_devices is None else num_devices
 
-  def require(condition: bool, key: str, expected: str):
+  def require(condition: bool, key: str, expected: str) -> None:
     if not condition:
       value = lookup(config, key)
       raise ConfigError(f"config.{key}={value!r}: {expected}.")
 
+  # Sizes must be multiples of this unless anisotropic strides are given
+  # (then train_lib checks them against the strides' divisors).
   divisor = unet3d.required_divisor(config.model.depth)
-  require(config.loss.name in LOSSES, "loss.name", f"expected one of {LOSSES}")
-  require(config.loss.alpha >= 0, "loss.alpha",
+  _check_loss(config, require)
+  _check_optimizer(config, require)
+  _check_model(config, require)
+  _check_train(config, require, num_devices)
+  _check_data(config, require, divisor)
+  _check_inference(config, require, divisor)
+
+
+def _check_loss(config: ml_collections.ConfigDict, require: _Require) -> None:
+  """``config.loss``: alpha weighs false positives, beta false negatives."""
+  loss = config.loss
+  require(loss.name in LOSSES, "loss.name", f"expected one of {LOSSES}")
+  require(loss.alpha >= 0, "loss.alpha",
           "alpha (false-positive weight) must be >= 0")
-  require(config.loss.beta >= 0, "loss.beta",
+  require(loss.beta >= 0, "loss.beta",
           "beta (false-negative weight) must be >= 0")
-  require(config.loss.alpha + config.loss.beta > 0, "loss.beta",
-          "alpha + beta must be > 0")
-  require(config.loss.gamma > 0, "loss.gamma", "must be > 0")
-  require(config.loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
-  require(config.loss.smooth > 0, "loss.smooth", "must be > 0")
-  require(config.optimizer.name in OPTIMIZERS, "optimizer.name",
+  require(loss.alpha + loss.beta > 0, "loss.beta", "alpha + beta must be > 0")
+  require(loss.gamma > 0, "loss.gamma", "must be > 0")
+  require(loss.ce_weight >= 0, "loss.ce_weight", "must be >= 0")
+  require(loss.smooth > 0, "loss.smooth", "must be > 0")
+
+
+def _check_optimizer(config: ml_collections.ConfigDict,
+                     require: _Require) -> None:
+  opt = config.optimizer
+  require(opt.name in OPTIMIZERS, "optimizer.name",
           f"expected one of {OPTIMIZERS}")
-  require(config.optimizer.learning_rate > 0, "optimizer.learning_rate",
-          "must be > 0")
-  require(config.optimizer.decay_steps >= 1, "optimizer.decay_steps",
-          "must be >= 1")
-  require(0 < config.optimizer.decay_rate <= 1, "optimizer.decay_rate",
-          "must be in (0, 1]")
-  require(config.optimizer.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
+  require(opt.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
+  require(opt.decay_steps >= 1, "optimizer.decay_steps", "must be >= 1")
+  require(0 < opt.decay_rate <= 1, "optimizer.decay_rate", "must be in (0, 1]")
+  require(opt.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
           "must be >= 0 (0 disables clipping)")
-  require(config.model.dtype in DTYPES, "model.dtype",
+  require(opt.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+
+
+def _check_model(config: ml_collections.ConfigDict, require: _Require) -> None:
+  model = config.model
+  conv_impls = ("auto",) + unet3d.CONV_IMPLS
+  require(model.dtype in DTYPES, "model.dtype",
           f"expected one of {tuple(DTYPES)}")
-  require(config.model.normalization in unet3d.NORMALIZATIONS,
-          "model.normalization", f"expected one of {unet3d.NORMALIZATIONS}")
-  require(config.model.conv_impl in ("auto",) + unet3d.CONV_IMPLS,
-          "model.conv_impl", f"expected one of {('auto',) + unet3d.CONV_IMPLS}")
-  require(config.model.depth >= 1, "model.depth", "must be >= 1")
-  require(config.model.base_features >= 1, "model.base_features",
-          "must be >= 1")
-  require(config.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-  require(config.train.batch_size % num_devices == 0, "train.batch_size",
-          f"the global batch must be divisible by the {num_devices} devices")
-  require(config.train.batch_size % jax.process_count() == 0,
-          "train.batch_size",
-          f"must be divisible by the {jax.process_count()} processes")
-  require(config.train.num_steps >= 1, "train.num_steps", "must be >= 1")
-  for key in ("log_every", "eval_every", "checkpoint_every"):
-    require(config.train[key] >= 0, f"train.{key}", "must be >= 0 (0: never)")
-  require(config.train.keep_checkpoints >= 1, "train.keep_checkpoints",
-          "must be >= 1")
-  require(config.train.stuck_patience >= 0, "train.stuck_patience",
-          "must be >= 0 (0: never)")
-  require(config.optimizer.warmup_steps >= 0, "optimizer.warmup_steps",
-          "must be >= 0")
-  require(config.model.init in unet3d.INITS, "model.init",
+  require(model.normalization in unet3d.NORMALIZATIONS, "model.normalization",
+          f"expected one of {unet3d.NORMALIZATIONS}")
+  require(model.conv_impl in conv_impls, "model.conv_impl",
+          f"expected one of {conv_impls}")
+  require(model.depth >= 1, "model.depth", "must be >= 1")
+  require(model.base_features >= 1, "model.base_features", "must be >= 1")
+  require(model.init in unet3d.INITS, "model.init",
           f"expected one of {unet3d.INITS}")
-  require(config.model.head_bias in ("prior", "zero"), "model.head_bias",
+  require(model.head_bias in ("prior", "zero"), "model.head_bias",
           "expected 'prior' or 'zero'")
-  require(config.train.best_metric in METRICS, "train.best_metric",
+
+
+def _check_train(config: ml_collections.ConfigDict, require: _Require,
+                 num_devices: int) -> None:
+  """``config.train`` and ``config.seed``; the global batch must split evenly
+  over ``num_devices`` devices and over the processes."""
+  train = config.train
+  require(train.batch_size >= 1, "train.batch_size", "must be >= 1")
+  require(train.batch_size % num_devices == 0, "train.batch_size",
+          f"the global batch must be divisible by the {num_devices} devices")
+  require(train.batch_size % jax.process_count() == 0, "train.batch_size",
+          f"must be divisible by the {jax.process_count()} processes")
+  require(train.num_steps >= 1, "train.num_steps", "must be >= 1")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    require(train[key] >= 0, f"train.{key}", "must be >= 0 (0: never)")
+  require(train.keep_checkpoints >= 1, "train.keep_checkpoints",
+          "must be >= 1")
+  require(train.stuck_patience >= 0, "train.stuck_patience",
+          "must be >= 0 (0: never)")
+  require(train.best_metric in METRICS, "train.best_metric",
           f"expected one of {METRICS}")
-  patch = tuple(config.data.patch_shape)
+  require(config.seed >= 0, "seed", "must be >= 0")
+
+
+def _check_data(config: ml_collections.ConfigDict, require: _Require,
+                divisor: int) -> None:
+  """``config.data``; patch sizes ``[x, y, z]`` must be multiples of
+  ``divisor`` (``2**model.depth``) unless ``model.strides`` is set."""
+  data = config.data
+  patch = tuple(data.patch_shape)
   require(patch == () or (len(patch) == 3 and all(p > 0 for p in patch)),
           "data.patch_shape", "expected () for whole volumes or 3 positive "
           "sizes [x, y, z]")
   if not config.model.strides:  # else checked against the strides' divisors
     require(all(p % divisor == 0 for p in patch), "data.patch_shape",
             f"every size must be a multiple of 2**model.depth = {divisor}")
-  require(0 <= config.data.foreground_fraction <= 1,
-          "data.foreground_fraction", "must be in [0, 1]")
-  require(config.data.num_val_cases >= 0, "data.num_val_cases", "must be >= 0")
-  require(config.data.num_folds == 0 or config.data.num_folds >= 2,
-          "data.num_folds", "must be 0 (no cross-validation) or >= 2")
-  require(config.data.num_folds == 0 or
-          0 <= config.data.fold < config.data.num_folds, "data.fold",
-          f"must be in [0, data.num_folds={config.data.num_folds})")
-  require(config.data.worker_count >= 0, "data.worker_count", "must be >= 0")
-  require(config.data.prefetch_batches >= 0, "data.prefetch_batches",
-          "must be >= 0")
-  require(config.seed >= 0, "seed", "must be >= 0")
-  require(not config.data.synthesize_if_missing or
-          config.data.synthetic_cases > config.data.num_val_cases,
+  require(0 <= data.foreground_fraction <= 1, "data.foreground_fraction",
+          "must be in [0, 1]")
+  require(data.num_val_cases >= 0, "data.num_val_cases", "must be >= 0")
+  require(data.num_folds == 0 or data.num_folds >= 2, "data.num_folds",
+          "must be 0 (no cross-validation) or >= 2")
+  require(data.num_folds == 0 or 0 <= data.fold < data.num_folds, "data.fold",
+          f"must be in [0, data.num_folds={data.num_folds})")
+  require(data.worker_count >= 0, "data.worker_count", "must be >= 0")
+  require(data.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
+  require(not data.synthesize_if_missing or
+          data.synthetic_cases > data.num_val_cases,
           "data.synthetic_cases", "must exceed data.num_val_cases")
-  require(not config.data.synthesize_if_missing or
-          len(config.data.synthetic_shape) == 3 and
-          all(s >= 16 for s in config.data.synthetic_shape),
+  require(not data.synthesize_if_missing or
+          len(data.synthetic_shape) == 3 and
+          all(s >= 16 for s in data.synthetic_shape),
           "data.synthetic_shape", "expected 3 sizes, each >= 16")
-  window = tuple(config.inference.window)
+
+
+def _check_inference(config: ml_collections.ConfigDict, require: _Require,
+                     divisor: int) -> None:
+  """``config.inference``; window sizes as the patch sizes of
+  :func:`_check_data`."""
+  inference = config.inference
+  window = tuple(inference.window)
   require(window == () or (len(window) == 3 and all(
       w > 0 and (config.model.strides or w % divisor == 0) for w in window)),
           "inference.window",
           f"expected () or 3 sizes, each a multiple of {divisor}")
-  require(0 <= config.inference.overlap < 1, "inference.overlap",
-          "must be in [0, 1)")
-  require(config.inference.batch_size >= 1, "inference.batch_size",
-          "must be >= 1")
-  require(0 <= config.inference.threshold <= 1, "inference.threshold",
+  require(0 <= inference.overlap < 1, "inference.overlap", "must be in [0, 1)")
+  require(inference.batch_size >= 1, "inference.batch_size", "must be >= 1")
+  require(0 <= inference.threshold <= 1, "inference.threshold",
           "must be in [0, 1]")
 
 

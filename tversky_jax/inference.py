@@ -265,78 +265,124 @@ def sliding_window_inference(
     raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
   devices = _resolve_devices(devices)
 
-  image = image.astype(np.float32, copy=False)
-  shape = image.shape[:3]
-  pad_before = [max(0, w - s) // 2 for s, w in zip(shape, window)]
-  pad_after = [max(0, w - s) - b for s, w, b in zip(shape, window, pad_before)]
-  if any(pad_before) or any(pad_after):
-    image = np.pad(image, list(zip(pad_before, pad_after)) + [(0, 0)])
-  padded_shape = image.shape[:3]
-  starts = window_starts(padded_shape, window, overlap)
-
-  n_dev = len(devices)
-  n_batch = math.ceil(batch_size / n_dev) * n_dev
+  image, crop = _pad_to_window(image.astype(np.float32, copy=False), window)
+  starts = window_starts(image.shape[:3], window, overlap)
+  n_batch = math.ceil(batch_size / len(devices)) * len(devices)
   mesh, enter_mesh = _data_mesh(devices)
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   importance = gaussian_importance_map(window)
-  flips = _MIRROR_AXES if mirror else ((),)
-  scale = 1.0 / len(flips)
-
-  # The weight sum depends on the tiling only; the probability sum is
-  # allocated once the number of classes is known.
-  weight_sum = np.zeros(padded_shape, np.float32)
-  for sx, sy, sz in starts:
-    weight_sum[sx:sx + window[0], sy:sy + window[1],
-               sz:sz + window[2]] += importance
-  prob_sum: np.ndarray | None = None
-
-  def run(batch_starts):
-    host = np.zeros((n_batch, *window, image.shape[3]), np.float32)
-    for i, (sx, sy, sz) in enumerate(batch_starts):
-      host[i] = image[sx:sx + window[0], sy:sy + window[1],
-                      sz:sz + window[2]]
-    x = jax.device_put(host, batch_sharding)
-    total = None
-    for axes in flips:
-      logits = logits_fn(_flip(x, axes, batch_sharding) if axes else x)
-      if (logits.ndim != 5 or tuple(logits.shape[:4]) != (n_batch, *window)):
-        raise ValueError(
-            "logits_fn must map [n, wx, wy, wz, channels] to "
-            f"[n, wx, wy, wz, classes]; got {logits.shape} for input "
-            f"{x.shape}")
-      total = _add_probs(total, logits, axes)
-    return _weigh(total, importance_dev, scale)
-
-  def accumulate(weighted, batch_starts):
-    nonlocal prob_sum
-    weighted = np.asarray(weighted)
-    if prob_sum is None:
-      prob_sum = np.zeros((*padded_shape, weighted.shape[-1]), np.float32)
-    for i, (sx, sy, sz) in enumerate(batch_starts):
-      prob_sum[sx:sx + window[0], sy:sy + window[1],
-               sz:sz + window[2]] += weighted[i]
-
-  # Dispatch batch k+1 before copying batch k back, so that the device
-  # computes while the host accumulates (JAX dispatch is asynchronous).
-  pending = None
   with (jax.set_mesh(mesh) if enter_mesh else contextlib.nullcontext(),
         tqdm(total=len(starts), disable=not progress, unit="window",
              desc="sliding window") as bar):
-    importance_dev = jax.device_put(importance,
-                                    NamedSharding(mesh, PartitionSpec()))
-    for first in range(0, len(starts), n_batch):
-      batch_starts = starts[first:first + n_batch]
-      weighted = run(batch_starts)
-      if pending is not None:
-        accumulate(*pending)
-        bar.update(len(pending[1]))
-      pending = (weighted, batch_starts)
-    accumulate(*pending)
-    bar.update(len(pending[1]))
-
-  assert prob_sum is not None
+    prob_sum = _weighted_probability_sum(
+        logits_fn, image, starts, window, n_batch, mesh, importance,
+        _MIRROR_AXES if mirror else ((),), bar.update)
+  weight_sum = _weight_sum(image.shape[:3], starts, window, importance)
   prob_sum /= weight_sum[..., None]
-  crop = tuple(slice(b, b + s) for b, s in zip(pad_before, shape))
-  if padded_shape != shape:
-    return np.ascontiguousarray(prob_sum[crop])
+  return prob_sum if crop is None else np.ascontiguousarray(prob_sum[crop])
+
+
+def _window_box(start: Sequence[int], window: Sequence[int]
+                ) -> tuple[slice, slice, slice]:
+  """The spatial slices of the window at ``start`` ``(sx, sy, sz)``."""
+  sx, sy, sz = start
+  wx, wy, wz = window
+  return slice(sx, sx + wx), slice(sy, sy + wy), slice(sz, sz + wz)
+
+
+def _pad_to_window(image: np.ndarray, window: tuple[int, int, int]
+                   ) -> tuple[np.ndarray, tuple[slice, ...] | None]:
+  """``(padded image, crop)``: every spatial axis of ``image`` ``[x, y, z,
+  c]`` shorter than the window zero-padded to it, symmetrically (the content
+  in the middle of the window, where the network has context on both
+  sides); ``crop`` takes the original ``[x, y, z]`` back out (None: no
+  padding)."""
+  shape = image.shape[:3]
+  pad_before = [max(0, w - s) // 2 for s, w in zip(shape, window)]
+  pad_after = [max(0, w - s) - b for s, w, b in zip(shape, window, pad_before)]
+  if not any(pad_before) and not any(pad_after):
+    return image, None
+  image = np.pad(image, list(zip(pad_before, pad_after)) + [(0, 0)])
+  return image, tuple(slice(b, b + s) for b, s in zip(pad_before, shape))
+
+
+def _weight_sum(shape: tuple[int, ...], starts: list[tuple[int, int, int]],
+                window: tuple[int, int, int],
+                importance: np.ndarray) -> np.ndarray:
+  """float32 ``[x, y, z]``: the sum of the windows' importance maps (the
+  blending denominator ``sum_k w_k``); it depends on the tiling only."""
+  weight_sum = np.zeros(shape, np.float32)
+  for start in starts:
+    weight_sum[_window_box(start, window)] += importance
+  return weight_sum
+
+
+def _weighted_probability_sum(
+    logits_fn: LogitsFn, image: np.ndarray, starts: list[tuple[int, int, int]],
+    window: tuple[int, int, int], n_batch: int, mesh: Mesh,
+    importance: np.ndarray, flips: tuple[tuple[int, ...], ...],
+    advance: Callable[[int], object],
+) -> np.ndarray:
+  """float32 ``[x, y, z, classes]`` on the host: ``sum_k w_k p_k`` over the
+  windows at ``starts`` of ``image`` ``[x, y, z, channels]``.
+
+  The windows go to the devices in batches of ``n_batch`` sharded over
+  ``mesh``'s "data" axis, ``p_k`` averaged over the ``flips``. Batch k+1 is
+  dispatched before batch k is copied back, so the device computes while the
+  host accumulates (JAX dispatch is asynchronous); ``advance(n)`` is called
+  as each batch of ``n`` windows is added.
+  """
+  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  importance_dev = jax.device_put(importance,
+                                  NamedSharding(mesh, PartitionSpec()))
+  scale = 1.0 / len(flips)
+  prob_sum: np.ndarray | None = None
+  pending = None
+  for first in range(0, len(starts), n_batch):
+    batch_starts = starts[first:first + n_batch]
+    host = np.zeros((n_batch, *window, image.shape[3]), np.float32)
+    for i, start in enumerate(batch_starts):
+      host[i] = image[_window_box(start, window)]
+    x = jax.device_put(host, batch_sharding)
+    weighted = _weigh(_flipped_probabilities(logits_fn, x, flips,
+                                             batch_sharding),
+                      importance_dev, scale)
+    if pending is not None:
+      prob_sum = _add_windows(prob_sum, *pending, image.shape[:3], window)
+      advance(len(pending[1]))
+    pending = (weighted, batch_starts)
+  prob_sum = _add_windows(prob_sum, *pending, image.shape[:3], window)
+  advance(len(pending[1]))
+  return prob_sum
+
+
+def _flipped_probabilities(logits_fn: LogitsFn, x: jax.Array,
+                           flips: tuple[tuple[int, ...], ...],
+                           sharding: NamedSharding) -> jax.Array:
+  """Sum over ``flips`` of the softmax probabilities of the flipped batch
+  ``x`` ``[n, wx, wy, wz, channels]``, each flipped back: float32 ``[n, wx,
+  wy, wz, classes]`` on the devices."""
+  total = None
+  for axes in flips:
+    logits = logits_fn(_flip(x, axes, sharding) if axes else x)
+    if logits.ndim != 5 or tuple(logits.shape[:4]) != tuple(x.shape[:4]):
+      raise ValueError(
+          "logits_fn must map [n, wx, wy, wz, channels] to "
+          f"[n, wx, wy, wz, classes]; got {logits.shape} for input "
+          f"{x.shape}")
+    total = _add_probs(total, logits, axes)
+  return total
+
+
+def _add_windows(prob_sum: np.ndarray | None, weighted: jax.Array,
+                 batch_starts: list[tuple[int, int, int]],
+                 shape: tuple[int, ...],
+                 window: tuple[int, int, int]) -> np.ndarray:
+  """Adds the weighted probabilities ``[n, wx, wy, wz, classes]`` of the
+  windows at ``batch_starts`` into ``prob_sum`` ``[x, y, z, classes]``
+  (allocated on the first call, once the class count is known)."""
+  weighted = np.asarray(weighted)
+  if prob_sum is None:
+    prob_sum = np.zeros((*shape, weighted.shape[-1]), np.float32)
+  for i, start in enumerate(batch_starts):
+    prob_sum[_window_box(start, window)] += weighted[i]
   return prob_sum

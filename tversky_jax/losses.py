@@ -242,86 +242,121 @@ def _targets(labels: Array, predictions: Array, activation: str,
              ignore_index: int | None, fn: str) -> tuple[list[Array], Array | None]:
   """Per-class targets ``g_c`` (each ``[batch, *spatial]``) and a validity mask.
 
+  ``labels`` is an integer class map ``[batch, *spatial]`` or one-hot / soft
+  labels of the shape of ``predictions`` ``[batch, *spatial, classes]``.
   Raises ValueError for shapes that do not fit ``predictions`` and, when the
   labels are concrete, for values out of range. For traced class maps the
   mask drops the voxels whose label is not a class (see the module
   docstring).
   """
-  num_classes = predictions.shape[-1]
-  dtype = _accumulation_dtype(predictions.dtype)
-  spatial_shape = predictions.shape[:-1]
-
-  if labels.ndim == predictions.ndim - 1:  # integer class map
-    if labels.shape != spatial_shape:
-      raise ValueError(
-          f"{fn}: `labels` class map has shape {labels.shape}, expected "
-          f"{spatial_shape} to match `predictions` {predictions.shape} "
-          "([batch, *spatial, classes]).")
-    if not jnp.issubdtype(labels.dtype, jnp.integer) and labels.dtype != bool:
-      raise ValueError(
-          f"{fn}: `labels` of shape {labels.shape} is a class map and must "
-          f"have an integer dtype, got {labels.dtype}. Pass one-hot or soft "
-          f"labels with shape {predictions.shape} instead.")
-    if activation == "sigmoid" and num_classes != 1:
-      raise ValueError(
-          f"{fn}: with activation='sigmoid' the classes are independent "
-          f"regions, so `labels` must have the shape of `predictions` "
-          f"{predictions.shape}; got a class map {labels.shape}. (A class map "
-          "is accepted only for a single sigmoid channel.)")
-    if ignore_index is not None and 0 <= ignore_index < max(num_classes, 2):
-      raise ValueError(
-          f"{fn}: `ignore_index`={ignore_index} is a class index; use a value "
-          f"outside [0, {max(num_classes, 2)}) such as -1 or 255.")
-    # A single sigmoid channel takes a binary map {0, 1}.
-    num_values = 2 if activation == "sigmoid" else num_classes
-    concrete = _concrete(labels)
-    if concrete is None:
-      # Traced: values cannot be checked, so voxels whose label is not a class
-      # (ignore_index included, as it is outside [0, num_values)) are dropped.
-      if labels.dtype == bool and num_values >= 2:
-        valid = None
-      else:
-        valid = (labels >= 0) & (labels < num_values)
-    else:
-      if concrete.size:
-        values = concrete.astype(np.int64)
-        bad = (values < 0) | (values >= num_values)
-        if ignore_index is not None:
-          bad &= values != ignore_index
-        if np.any(bad):
-          raise ValueError(
-              f"{fn}: `labels` contains values "
-              f"{np.unique(values[bad])[:10].tolist()} outside "
-              f"[0, {num_values - 1}] ({num_values} classes)"
-              + ("; pass ignore_index to skip voxels" if ignore_index is None
-                 else f", and not ignore_index={ignore_index}") + ".")
-      valid = None if ignore_index is None else labels != ignore_index
-    if activation == "sigmoid":
-      return [(labels == 1).astype(dtype)], valid
-    return [(labels == c).astype(dtype) for c in range(num_classes)], valid
-
-  if labels.ndim == predictions.ndim:  # one-hot or soft labels
-    if labels.shape != predictions.shape:
-      raise ValueError(
-          f"{fn}: `labels` has shape {labels.shape}, expected "
-          f"{predictions.shape} (the shape of `predictions`) for one-hot or "
-          f"soft labels, or {spatial_shape} for an integer class map.")
-    if ignore_index is not None:
-      raise ValueError(
-          f"{fn}: `ignore_index` needs an integer class map `labels` "
-          f"{spatial_shape}; for one-hot or soft labels use `mask`.")
-    concrete = _concrete(labels)
-    if concrete is not None and concrete.size and (
-        np.min(concrete) < 0 or np.max(concrete) > 1):
-      raise ValueError(
-          f"{fn}: one-hot or soft `labels` must lie in [0, 1], got values in "
-          f"[{np.min(concrete)}, {np.max(concrete)}].")
-    return _class_slices(labels.astype(dtype)), None
-
+  if labels.ndim == predictions.ndim - 1:
+    return _class_map_targets(labels, predictions, activation, ignore_index,
+                              fn)
+  if labels.ndim == predictions.ndim:
+    return _soft_targets(labels, predictions, ignore_index, fn), None
   raise ValueError(
-      f"{fn}: `labels` has shape {labels.shape}; expected {spatial_shape} "
-      f"(integer class map) or {predictions.shape} (one-hot or soft) for "
-      f"`predictions` of shape {predictions.shape}.")
+      f"{fn}: `labels` has shape {labels.shape}; expected "
+      f"{predictions.shape[:-1]} (integer class map) or {predictions.shape} "
+      f"(one-hot or soft) for `predictions` of shape {predictions.shape}.")
+
+
+def _class_map_targets(labels: Array, predictions: Array, activation: str,
+                       ignore_index: int | None, fn: str
+                       ) -> tuple[list[Array], Array | None]:
+  """:func:`_targets` of an integer class map ``labels`` ``[batch, *spatial]``.
+
+  Softmax: one target ``labels == c`` per class; a single sigmoid channel:
+  the one target ``labels == 1`` of a binary map.
+  """
+  _check_class_map(labels, predictions, activation, ignore_index, fn)
+  num_classes = predictions.shape[-1]
+  # A single sigmoid channel takes a binary map {0, 1}.
+  num_values = 2 if activation == "sigmoid" else num_classes
+  valid = _class_map_validity(labels, num_values, ignore_index, fn)
+  dtype = _accumulation_dtype(predictions.dtype)
+  if activation == "sigmoid":
+    return [(labels == 1).astype(dtype)], valid
+  return [(labels == c).astype(dtype) for c in range(num_classes)], valid
+
+
+def _check_class_map(labels: Array, predictions: Array, activation: str,
+                     ignore_index: int | None, fn: str) -> None:
+  """Raises ValueError unless the class map ``labels`` (shape, dtype) and
+  ``ignore_index`` fit ``predictions`` and ``activation``."""
+  num_classes = predictions.shape[-1]
+  spatial_shape = predictions.shape[:-1]
+  if labels.shape != spatial_shape:
+    raise ValueError(
+        f"{fn}: `labels` class map has shape {labels.shape}, expected "
+        f"{spatial_shape} to match `predictions` {predictions.shape} "
+        "([batch, *spatial, classes]).")
+  if not jnp.issubdtype(labels.dtype, jnp.integer) and labels.dtype != bool:
+    raise ValueError(
+        f"{fn}: `labels` of shape {labels.shape} is a class map and must "
+        f"have an integer dtype, got {labels.dtype}. Pass one-hot or soft "
+        f"labels with shape {predictions.shape} instead.")
+  if activation == "sigmoid" and num_classes != 1:
+    raise ValueError(
+        f"{fn}: with activation='sigmoid' the classes are independent "
+        f"regions, so `labels` must have the shape of `predictions` "
+        f"{predictions.shape}; got a class map {labels.shape}. (A class map "
+        "is accepted only for a single sigmoid channel.)")
+  if ignore_index is not None and 0 <= ignore_index < max(num_classes, 2):
+    raise ValueError(
+        f"{fn}: `ignore_index`={ignore_index} is a class index; use a value "
+        f"outside [0, {max(num_classes, 2)}) such as -1 or 255.")
+
+
+def _class_map_validity(labels: Array, num_values: int,
+                        ignore_index: int | None, fn: str) -> Array | None:
+  """The voxels of a class map to count (None: all of them).
+
+  Concrete labels are checked: a value outside ``[0, num_values)`` other
+  than ``ignore_index`` raises ValueError, and only the ``ignore_index``
+  voxels are dropped. Traced values cannot be checked, so every voxel whose
+  label is not a class (``ignore_index`` included, as it lies outside
+  ``[0, num_values)``) is dropped.
+  """
+  concrete = _concrete(labels)
+  if concrete is None:
+    if labels.dtype == bool and num_values >= 2:
+      return None
+    return (labels >= 0) & (labels < num_values)
+  if concrete.size:
+    values = concrete.astype(np.int64)
+    bad = (values < 0) | (values >= num_values)
+    if ignore_index is not None:
+      bad &= values != ignore_index
+    if np.any(bad):
+      raise ValueError(
+          f"{fn}: `labels` contains values "
+          f"{np.unique(values[bad])[:10].tolist()} outside "
+          f"[0, {num_values - 1}] ({num_values} classes)"
+          + ("; pass ignore_index to skip voxels" if ignore_index is None
+             else f", and not ignore_index={ignore_index}") + ".")
+  return None if ignore_index is None else labels != ignore_index
+
+
+def _soft_targets(labels: Array, predictions: Array, ignore_index: int | None,
+                  fn: str) -> list[Array]:
+  """:func:`_targets` of one-hot or soft ``labels`` of the shape of
+  ``predictions``; their values must lie in [0, 1] (checked when concrete)."""
+  if labels.shape != predictions.shape:
+    raise ValueError(
+        f"{fn}: `labels` has shape {labels.shape}, expected "
+        f"{predictions.shape} (the shape of `predictions`) for one-hot or "
+        f"soft labels, or {predictions.shape[:-1]} for an integer class map.")
+  if ignore_index is not None:
+    raise ValueError(
+        f"{fn}: `ignore_index` needs an integer class map `labels` "
+        f"{predictions.shape[:-1]}; for one-hot or soft labels use `mask`.")
+  concrete = _concrete(labels)
+  if concrete is not None and concrete.size and (
+      np.min(concrete) < 0 or np.max(concrete) > 1):
+    raise ValueError(
+        f"{fn}: one-hot or soft `labels` must lie in [0, 1], got values in "
+        f"[{np.min(concrete)}, {np.max(concrete)}].")
+  return _class_slices(labels.astype(_accumulation_dtype(predictions.dtype)))
 
 
 def _voxel_weight(mask: ArrayLike | None, valid: Array | None,

@@ -52,6 +52,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from tversky_jax import validation
@@ -111,8 +112,10 @@ class Predictor:
 
     Args:
       config: the model's training config.
-      graphdef: ``nnx.GraphDef`` from :func:`train_state.create_train_state`.
-      state: the matching train state, replicated over ``devices``.
+      graphdef: ``nnx.GraphDef`` of :func:`abstract_model_state` (the model
+        alone) or of :func:`train_state.create_train_state` (model and
+        optimizer; the optimizer is not used).
+      state: the matching state, replicated over ``devices``.
       channel_names: input channel names in order.
       step: the training step of ``state``, for reports.
       spec: the network's shape (classes, strides); default: two classes,
@@ -285,8 +288,10 @@ def load_predictor(workdir: str | os.PathLike[str],
                    threshold: float | None = None) -> Predictor:
   """Restores a trained model from ``workdir`` for prediction.
 
-  The model config is the one stored with the checkpoint (falling back to
-  ``workdir/config.json``). The input channels are, in this order of
+  Only the model's variables are read from the checkpoint (see
+  :func:`abstract_model_state`); the optimizer state is neither read nor
+  allocated. The model config is the one stored with the checkpoint (falling
+  back to ``workdir/config.json``). The input channels are, in this order of
   preference: ``channel_names``; ``channel_names`` in the checkpoint's
   metadata (if the trainer stores them); those of the training dataset's
   dataset.json (``config.data.root``, looked up as given, relative to the
@@ -344,10 +349,10 @@ def load_predictor(workdir: str | os.PathLike[str],
             if meta.get("model") else train_state.ModelSpec(len(names)))
     spec = dataclasses.replace(spec, in_channels=len(names))
     plan = planning.Plan.from_json(meta["plan"]) if meta.get("plan") else None
-    graphdef, abstract = abstract_train_state(config, spec,
+    graphdef, abstract = abstract_model_state(config, spec,
                                               parallel.make_mesh(devices))
     try:
-      restored = manager.restore(abstract, step=step)
+      state = manager.restore_subtree(abstract, step)
     except checkpoint_lib.CheckpointError as error:
       raise PredictError(
           f"{_one_line(error)} (does the model of the saved config with "
@@ -356,29 +361,35 @@ def load_predictor(workdir: str | os.PathLike[str],
   finally:
     manager.close()
   _log(f"Restored the {how} checkpoint (step {step}) of {workdir}.")
-  return Predictor(config, graphdef, restored.state, channel_names=names,
+  return Predictor(config, graphdef, state, channel_names=names,
                    step=step, spec=spec, plan=plan, window=window,
                    overlap=overlap,
                    batch_size=batch_size, mirror=mirror, threshold=threshold,
                    devices=devices)
 
 
-def abstract_train_state(config: ml_collections.ConfigDict,
+def abstract_model_state(config: ml_collections.ConfigDict,
                          spec: train_state.ModelSpec | int,
                          mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """``(graphdef, state of jax.ShapeDtypeStruct)`` of the train state.
+  """``(graphdef, state of jax.ShapeDtypeStruct)`` of the model alone.
 
-  The structure is exactly :func:`train_state.create_train_state`'s (it is
-  traced with :func:`jax.eval_shape`, so nothing is initialised or
-  compiled: on CPU the eager initialisation of the U-Net costs ~25 s of XLA
-  compilation), replicated over ``mesh``: the restore target of a
-  checkpoint.
+  The train state of :func:`train_state.create_train_state` is
+  ``nnx.split((model, optimizer))``, the pytree ``{0: the model's variables
+  (parameters, and batch statistics with batch norm), 1: the optimizer's
+  state (step, moments)}``. This is ``nnx.split((model, None))``: key 0
+  alone, so it is the partial restore target of a checkpoint
+  (:meth:`checkpoint.CheckpointManager.restore_subtree` reads no optimizer
+  moment) and :func:`train_state.make_logits_fn` runs on it unchanged. It is
+  traced with :func:`jax.eval_shape`, so nothing is initialised or compiled
+  (on CPU the eager initialisation of the U-Net costs ~25 s of XLA
+  compilation); the leaves are replicated over ``mesh``.
   """
+  spec = train_state.ModelSpec(spec) if isinstance(spec, int) else spec
   captured = {}
 
   def init():
-    graphdef, state = train_state.create_train_state(config, spec, mesh)
-    captured["graphdef"] = graphdef
+    model = train_state.build_model(config, spec, config.seed)
+    captured["graphdef"], state = nnx.split((model, None))
     return state
 
   shapes = jax.eval_shape(init)

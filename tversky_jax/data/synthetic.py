@@ -375,15 +375,57 @@ def _lesions(
   ``t`` is then the 0.5 level of the fuzzy membership
   ``sigmoid((u - t) / softness)``, and every label voxel has membership > 0.5.
   `contrast` is each voxel's lesion FLAIR contrast (of the nearest lesion).
+  All three are ``[x, y, z]``.
+  """
+  # The random draws happen in this order; changing it changes every phantom.
+  num_lesions, target = _lesion_budget(grid.shape, load, rng)
+  centers = _lesion_centers(grid, tissue, num_lesions, rng, options)
+  radii = _lesion_radii(grid, target, num_lesions, rng, options)
+  c_lo, c_hi = options.lesion_contrast
+  typical = rng.uniform(c_lo, c_hi)
+  contrasts = np.clip(typical * np.exp(rng.normal(0.0, 0.35, num_lesions)), c_lo, c_hi)
+  lobes = [_lesion_lobes(r, rng, options) for r in radii]
+
+  softness = max(options.lesion_softness_mm, 1e-3)
+  field, owner, chosen, threshold = _lesion_field(
+      grid, tissue == WM, centers, lobes, target, softness)
+  label = np.zeros(field.size, bool)
+  label[chosen] = True
+  label = label.reshape(grid.shape)
+  finite = np.isfinite(field)
+  membership = np.zeros(grid.shape, np.float32)
+  membership[finite] = special.expit((field[finite] - threshold) / softness)
+  membership[label] = np.maximum(membership[label], 0.5 + 1e-3)
+  membership[~label] = np.minimum(membership[~label], 0.5)
+  # Within-lesion heterogeneity: +-25 % of the contrast.
+  contrast = contrasts[owner].astype(np.float32)
+  contrast *= np.clip(1.0 + 0.25 * _smooth_noise(grid, 1.5, rng), 0.4, 1.6)
+  return membership, label, contrast
+
+
+def _lesion_budget(shape: tuple[int, int, int], load: str,
+                   rng: np.random.Generator) -> tuple[int, int]:
+  """``(number of lesions, lesion voxels)`` of a case of lesion ``load``.
+
+  The voxel count is a fraction drawn from the load's range, clipped to
+  :data:`LESION_FRACTION_RANGE` of the volume.
   """
   (n_min, n_max), (f_min, f_max) = _LOADS[load]
-  shape = grid.shape
   num_voxels = math.prod(shape)
   lo = math.ceil(LESION_FRACTION_RANGE[0] * num_voxels)
   hi = math.floor(LESION_FRACTION_RANGE[1] * num_voxels)
   target = int(np.clip(round(rng.uniform(f_min, f_max) * num_voxels), lo, hi))
-  num_lesions = int(rng.integers(n_min, n_max + 1))
+  return int(rng.integers(n_min, n_max + 1)), target
 
+
+def _lesion_centers(grid: _Grid, tissue: np.ndarray, num_lesions: int,
+                    rng: np.random.Generator,
+                    options: PhantomOptions) -> np.ndarray:
+  """``[num_lesions, 3]`` voxel indices of lesion centres in white matter.
+
+  A ``options.periventricular_fraction`` share lies within 6 mm of a
+  ventricle, the others deeper (any white matter when a pool is empty).
+  """
   wm = tissue == WM
   vent_dist = ndimage.distance_transform_edt(tissue != VENTRICLE, sampling=grid.spacing)
   peri = np.argwhere(wm & (vent_dist <= 6.0))
@@ -394,61 +436,68 @@ def _lesions(
     pool = peri if rng.random() < options.periventricular_fraction else deep
     pool = pool if len(pool) else everywhere
     centers.append(pool[rng.integers(len(pool))])
-  centers = np.array(centers)
+  return np.array(centers)
 
-  # Diameters log-uniform in the option's range, then scaled together so the
-  # lesions' volume is about `target` voxels.
+
+def _lesion_radii(grid: _Grid, target: int, num_lesions: int,
+                  rng: np.random.Generator, options: PhantomOptions) -> np.ndarray:
+  """``[num_lesions]`` radii in mm of lesions of about ``target`` voxels in all.
+
+  Diameters are log-uniform in ``options.lesion_diameter_mm``, then scaled
+  together so that the spheres' volume is ``target`` voxels.
+  """
   d_lo, d_hi = options.lesion_diameter_mm
   diam = np.exp(rng.uniform(math.log(d_lo), math.log(d_hi), num_lesions))
   voxel_mm3 = float(np.prod(grid.spacing))
   scale = (target * voxel_mm3 / np.sum(math.pi / 6 * diam**3)) ** (1 / 3)
-  radii = diam * scale / 2
+  return diam * scale / 2
 
-  c_lo, c_hi = options.lesion_contrast
-  typical = rng.uniform(c_lo, c_hi)
-  contrasts = np.clip(typical * np.exp(rng.normal(0.0, 0.35, num_lesions)), c_lo, c_hi)
 
-  lobes = []  # per lesion: [(offset mm [3], quadratic form [3, 3], mean radius)]
-  for r in radii:
-    parts = []
-    num_lobes = int(rng.integers(options.lesion_lobes[0], options.lesion_lobes[1] + 1))
-    for j in range(num_lobes):
-      rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-      if j == 0:
-        axes = r * rng.uniform(0.6, 1.0, 3)
-        offset = np.zeros(3)
-      else:
-        axes = r * rng.uniform(0.35, 0.7, 3)
-        direction = rng.normal(size=3)
-        offset = direction / np.linalg.norm(direction) * r * rng.uniform(0.4, 0.9)
-      axes /= np.prod(axes / r) ** (1 / 3) if j == 0 else 1.0  # main lobe keeps volume r^3
-      parts.append((offset, rotation @ np.diag(axes**-2.0) @ rotation.T,
-                    float(np.prod(axes) ** (1 / 3))))
-    lobes.append(parts)
+# A lobe: (offset from the lesion centre in mm [3], quadratic form [3, 3]
+# whose unit level set is the ellipsoid, mean radius in mm).
+_Lobe = tuple[np.ndarray, np.ndarray, float]
 
-  softness = max(options.lesion_softness_mm, 1e-3)
+
+def _lesion_lobes(radius: float, rng: np.random.Generator,
+                  options: PhantomOptions) -> list[_Lobe]:
+  """The rotated ellipsoids of one lesion of ``radius`` mm.
+
+  The main lobe is centred and has the volume of a ball of ``radius``; the
+  ``options.lesion_lobes`` range gives the lobe count, the others are smaller
+  and shifted outwards.
+  """
+  parts = []
+  num_lobes = int(rng.integers(options.lesion_lobes[0], options.lesion_lobes[1] + 1))
+  for j in range(num_lobes):
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    if j == 0:
+      axes = radius * rng.uniform(0.6, 1.0, 3)
+      offset = np.zeros(3)
+    else:
+      axes = radius * rng.uniform(0.35, 0.7, 3)
+      direction = rng.normal(size=3)
+      offset = direction / np.linalg.norm(direction) * radius * rng.uniform(0.4, 0.9)
+    axes /= np.prod(axes / radius) ** (1 / 3) if j == 0 else 1.0  # main lobe keeps volume r^3
+    parts.append((offset, rotation @ np.diag(axes**-2.0) @ rotation.T,
+                  float(np.prod(axes) ** (1 / 3))))
+  return parts
+
+
+def _lesion_field(
+    grid: _Grid, wm: np.ndarray, centers: np.ndarray, lobes: list[list[_Lobe]],
+    target: int, softness: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+  """``(field, owner, chosen, threshold)`` of the lesions' union field.
+
+  ``field`` float32 ``[x, y, z]`` is the union field ``u`` (-inf outside
+  white matter and the boxes), ``owner`` int16 ``[x, y, z]`` the lesion of
+  the largest ``u``, ``chosen`` the flat indices of the ``target`` voxels of
+  largest ``u`` and ``threshold`` the smallest ``u`` among them. The boxes
+  grow until each holds its lesion's soft boundary.
+  """
   margin = 3.0 * softness + 2.0 * float(np.max(grid.spacing))
   while True:
-    field = np.full(shape, -np.inf, np.float32)
-    owner = np.zeros(shape, np.int16)
-    boxes = []
-    for i, (center, parts) in enumerate(zip(centers, lobes)):
-      reach = max(np.linalg.norm(o) + 1.0 / math.sqrt(np.linalg.eigvalsh(f)[0])
-                  for o, f, _ in parts) + margin
-      half = np.ceil(reach / grid.spacing).astype(int)
-      lo_i, hi_i = np.maximum(center - half, 0), np.minimum(center + half + 1, shape)
-      box = tuple(slice(a, b) for a, b in zip(lo_i, hi_i))
-      offsets = [((o - c) * s).astype(np.float32)
-                 for o, c, s in zip(np.ogrid[box], center, grid.spacing)]
-      u = np.full(field[box].shape, -np.inf, np.float32)
-      for lobe_offset, form, r_mean in parts:
-        d = [o - v for o, v in zip(offsets, lobe_offset.astype(np.float32))]
-        q = sum(form[a, b] * d[a] * d[b] for a in range(3) for b in range(3))
-        np.maximum(u, r_mean * (1.0 - np.sqrt(q)), out=u)
-      better = u > field[box]
-      field[box] = np.where(better, u, field[box])
-      owner[box] = np.where(better, i, owner[box])
-      boxes.append(box)
+    field, owner, boxes = _union_field(grid, centers, lobes, margin)
     field[~wm] = -np.inf
     flat = field.reshape(-1)
     chosen = np.argpartition(-flat, target - 1)[:target]
@@ -456,20 +505,38 @@ def _lesions(
     # Every box must hold all of its lesion's soft boundary: its faces
     # (unless at the volume's border) stay well below the threshold.
     if all(_faces_below(field, box, threshold - 3.0 * softness) for box in boxes):
-      break
+      return field, owner, chosen, threshold
     margin *= 2
-  label = np.zeros(num_voxels, bool)
-  label[chosen] = True
-  label = label.reshape(shape)
-  finite = np.isfinite(field)
-  membership = np.zeros(shape, np.float32)
-  membership[finite] = special.expit((field[finite] - threshold) / softness)
-  membership[label] = np.maximum(membership[label], 0.5 + 1e-3)
-  membership[~label] = np.minimum(membership[~label], 0.5)
-  # Within-lesion heterogeneity: +-25 % of the contrast.
-  contrast = contrasts[owner].astype(np.float32)
-  contrast *= np.clip(1.0 + 0.25 * _smooth_noise(grid, 1.5, rng), 0.4, 1.6)
-  return membership, label, contrast
+
+
+def _union_field(
+    grid: _Grid, centers: np.ndarray, lobes: list[list[_Lobe]], margin: float,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[slice, ...]]]:
+  """``(field, owner, boxes)``: the union field of every lesion in its box
+  (the lobes' reach plus ``margin`` mm), the lesion owning each voxel, the
+  boxes."""
+  shape = grid.shape
+  field = np.full(shape, -np.inf, np.float32)
+  owner = np.zeros(shape, np.int16)
+  boxes = []
+  for i, (center, parts) in enumerate(zip(centers, lobes)):
+    reach = max(np.linalg.norm(o) + 1.0 / math.sqrt(np.linalg.eigvalsh(f)[0])
+                for o, f, _ in parts) + margin
+    half = np.ceil(reach / grid.spacing).astype(int)
+    lo_i, hi_i = np.maximum(center - half, 0), np.minimum(center + half + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo_i, hi_i))
+    offsets = [((o - c) * s).astype(np.float32)
+               for o, c, s in zip(np.ogrid[box], center, grid.spacing)]
+    u = np.full(field[box].shape, -np.inf, np.float32)
+    for lobe_offset, form, r_mean in parts:
+      d = [o - v for o, v in zip(offsets, lobe_offset.astype(np.float32))]
+      q = sum(form[a, b] * d[a] * d[b] for a in range(3) for b in range(3))
+      np.maximum(u, r_mean * (1.0 - np.sqrt(q)), out=u)
+    better = u > field[box]
+    field[box] = np.where(better, u, field[box])
+    owner[box] = np.where(better, i, owner[box])
+    boxes.append(box)
+  return field, owner, boxes
 
 
 def _faces_below(field: np.ndarray, box: tuple[slice, ...], level: float) -> bool:

@@ -1,7 +1,10 @@
 """The alpha/beta replication sweep: a miniature sweep end to end, resume,
 the report's arithmetic and the command line."""
 
+import base64
 import csv
+import html.parser
+import io
 import json
 import math
 import os
@@ -11,10 +14,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import sweep as sweep_config
 from tversky_jax import configuration
 from tversky_jax import predict
+from tversky_jax import report as report_lib
 from tversky_jax import train_lib
 from tversky_jax.experiments import sweep
 
@@ -162,10 +167,87 @@ def test_miniature_sweep_writes_table_csv_and_plot(finished_sweep):
       assert sorted(held["case_ids"]) == sorted(result["held_out"])
 
 
+class _Page(html.parser.HTMLParser):
+  """The figure ids and the (alt, src) of the images of a page."""
+
+  def __init__(self):
+    super().__init__()
+    self.figures, self.images, self.external = [], [], 0
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "figure":
+      self.figures.append(attrs["id"])
+    elif tag == "img":
+      self.images.append((attrs["alt"], attrs["src"]))
+    elif tag in ("script", "link"):
+      self.external += 1
+
+
+def _png(src):
+  prefix = "data:image/png;base64,"
+  assert src.startswith(prefix)
+  return base64.b64decode(src[len(prefix):], validate=True)
+
+
+def _reference_pixels(montage, panel_px):
+  """Pixels of the top (largest reference lesion) row in TP or FN colour."""
+  row = montage[:panel_px]
+  return (np.all(row == report_lib.TP_COLOUR, -1)
+          | np.all(row == report_lib.FN_COLOUR, -1))
+
+
+def test_html_report_shows_one_case_under_every_setting(finished_sweep):
+  workdir, report, _ = finished_sweep
+  assert report["paths"]["html"] == os.path.join(workdir, "results.html")
+  page = open(report["paths"]["html"], encoding="utf-8").read()
+  parser = _Page()
+  parser.feed(page)
+  assert parser.external == 0 and "://" not in page  # opens offline
+  # Table 1 and the other sections of results.md are on the page.
+  for heading in ("Held-out cases", "Spread over seeds", "Paired difference",
+                  "Lesion-wise detection", "The paper's claims"):
+    assert f"<h2>{heading}" in page
+  assert "<td>0.2</td><td>0.8</td>" in page
+  # The PR curves: pr_curves.png itself.
+  alts = [alt for alt, _ in parser.images]
+  assert alts[0] == "precision-recall curves"
+  with open(os.path.join(workdir, "pr_curves.png"), "rb") as f:
+    assert _png(parser.images[0][1]) == f.read()
+  # One overlay per setting, in the sweep's order, all of the same case: of
+  # seed 0, the held-out case with the most lesion voxels.
+  rows = [r for r in read_csv(os.path.join(workdir, "results.csv"))
+          if (float(r["alpha"]), float(r["beta"])) == (0.5, 0.5)]
+  load = {r["case"]: int(r["tp"]) + int(r["fn"]) for r in rows}
+  case = max(sorted(load), key=load.get)
+  assert parser.figures == ["overlay-a0.5_b0.5", "overlay-a0.2_b0.8"]
+  assert alts[1:] == [f"overlay of {case}, alpha=0.5, beta=0.5",
+                      f"overlay of {case}, alpha=0.2, beta=0.8"]
+  overlays = report["overlays"]
+  assert [(o.alpha, o.beta, o.case) for o in overlays] == [
+      (0.5, 0.5, case), (0.2, 0.8, case)]
+  assert len({(o.seed, o.fold) for o in overlays}) == 1
+  assert all(o.has_image for o in overlays)  # on the phantom's scan
+  px = sweep.OVERLAY_PANEL_PX
+  grid = px + report_lib.GAP_PX
+  montages = []
+  for _, src in parser.images[1:]:
+    montage = np.asarray(Image.open(io.BytesIO(_png(src))).convert("RGB"))
+    assert montage.shape == (2 * grid - report_lib.GAP_PX,
+                             4 * grid - report_lib.GAP_PX, 3)
+    montages.append(montage)
+  # Same case, same cut: the reference (TP or FN) pixels of the top row are
+  # the same under every setting; only the prediction differs.
+  first = _reference_pixels(montages[0], px)
+  assert first.sum() > 0
+  for montage in montages[1:]:
+    np.testing.assert_array_equal(_reference_pixels(montage, px), first)
+
+
 def test_resume_skips_finished_runs(finished_sweep, monkeypatch):
   workdir, report, _ = finished_sweep
   before = {name: open(os.path.join(workdir, name), "rb").read()
-            for name in ("results.md", "results.csv")}
+            for name in ("results.md", "results.csv", "results.html")}
 
   def must_not_run(*args, **kwargs):
     raise AssertionError("a finished run was trained or predicted again")
@@ -245,6 +327,9 @@ def test_report_arithmetic_on_made_up_results(tmp_path):
   # Seed 0 of (0.5, 0.5) found no lesion voxel: one failed run of two.
   assert md.count("| 1 of 2 |") == 1 and md.count("| 0 of 2 |") == 1
   assert report["paths"]["plot"] is None  # no held-out probabilities saved
+  page = (tmp_path / "results.html").read_text()
+  assert "| 0.5 | 0.5 |" not in page and "<td>40.00 ± 16.33</td>" in page
+  assert "no overlays" in page and "<img" not in page
   assert len(read_csv(tmp_path / "results.csv")) == 8
 
 

@@ -28,10 +28,12 @@ The scan is the first channel (``CASE_0000``) of ``--images``, windowed at
 its 1st-99th percentiles inside the head (non-zero voxels); without
 ``--images`` the overlay is drawn on grey.
 
-Function API (e.g. for the sweep report or TensorBoard images)::
+Function API (the sweep's results.html and the TensorBoard images of
+validation use it)::
 
   rgb = overlay_montage(image, reference, prediction)  # uint8 [h, w, 3]
   png = encode_png(rgb)
+  page = html_page(title, markdown_html(text) + montage_figure(...))
 """
 
 from __future__ import annotations
@@ -445,15 +447,16 @@ def write_report(result: evaluate.EvaluationResult,
           _summary(result, has_image, shown), '<div class="top"><div>',
           "<h2>Metrics</h2>", _metrics_tables(result), "</div><div>",
           _pr_curve_section(result), "</div></div>",
-          f"<h2>Cases, worst DSC{order} first</h2>", _legend(has_image),
+          f"<h2>Cases, worst DSC{order} first</h2>", legend(has_image),
           '<div class="cases">', *figures, "</div>"]
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(_page(title, "\n".join(body)), encoding="utf-8")
+  path.write_text(html_page(title, "\n".join(body)), encoding="utf-8")
   return path
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
+  """``data:image/png;base64,...`` of PNG bytes."""
   return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -548,10 +551,11 @@ def _pr_curve_section(result: evaluate.EvaluationResult) -> str:
     with tempfile.TemporaryDirectory() as tmp:
       png = evaluate.write_pr_plot(result, Path(tmp) / "pr.png").read_bytes()
   return ('<h2>Precision-recall</h2><img class="pr" alt="precision-recall '
-          f'curves" src="{_data_uri(png)}">')
+          f'curves" src="{data_uri(png)}">')
 
 
-def _legend(has_image: bool) -> str:
+def legend(has_image: bool) -> str:
+  """The colour key and the montage layout, HTML."""
   items = "".join(
       f'<span class="sw" style="background:#{r:02X}{g:02X}{b:02X}"></span>'
       f"{name} " for name, (r, g, b) in (("true positive", TP_COLOUR),
@@ -574,19 +578,72 @@ def _case_figure(case: evaluate.CaseResult, png: bytes,
                  focuses: tuple[Focus, Focus], has_image: bool,
                  panel_px: int) -> str:
   values, les = case.metrics(), case.lesions
-  name = html.escape(case.case_id)
+  caption = (f"<b>{html.escape(case.case_id)}</b>: DSC "
+             f"{_pct(values['dsc'])} %, sensitivity "
+             f"{_pct(values['sensitivity'])} %, precision "
+             f"{_pct(values['precision'])} %; lesions detected "
+             f"{les.detected}/{les.reference}, FP components "
+             f"{les.false_positive}")
+  return montage_figure(f"case-{case.case_id}", case.case_id, png, focuses,
+                        has_image, panel_px, caption)
+
+
+def montage_figure(anchor: str, name: str, png: bytes,
+                   focuses: Sequence[Focus], has_image: bool, panel_px: int,
+                   caption: str) -> str:
+  """A montage of :func:`overlay_montage` as an HTML figure.
+
+  Args:
+    anchor: the figure's id (escaped here).
+    name: what the montage shows, for the image's alt text (escaped here).
+    png: the montage, from :func:`encode_png` (embedded as a data URI).
+    focuses: its rows (labelled with the component sizes).
+    has_image: whether it has the scan column.
+    panel_px: its panel size.
+    caption: the caption, HTML.
+  """
   heads = "".join(f"<span>{v}</span>" for v in
                   (*VIEWS, *(("scan",) if has_image else ())))
   labels = "".join(f"<div>{_row_label(n, f)}</div>" for n, f in
                    zip(("lesion", "FP"), focuses))
-  return (f'<figure id="case-{name}" style="--p:{panel_px}px"><div class="m">'
-          f'<div></div><div class="h">{heads}</div>{labels}'
-          f'<img alt="overlay of {name}" src="{_data_uri(png)}"></div>'
-          f"<figcaption><b>{name}</b>: DSC {_pct(values['dsc'])} %, "
-          f"sensitivity {_pct(values['sensitivity'])} %, precision "
-          f"{_pct(values['precision'])} %; lesions detected "
-          f"{les.detected}/{les.reference}, FP components "
-          f"{les.false_positive}</figcaption></figure>")
+  return (f'<figure id="{html.escape(anchor)}" style="--p:{panel_px}px">'
+          f'<div class="m"><div></div><div class="h">{heads}</div>{labels}'
+          f'<img alt="overlay of {html.escape(name)}" src="{data_uri(png)}">'
+          f"</div><figcaption>{caption}</figcaption></figure>")
+
+
+def markdown_html(text: str) -> str:
+  """HTML of the markdown subset the reports write.
+
+  Headings (``#``, ``##``, ...), pipe tables (a header row, a rule row, body
+  rows; as ``table.metrics``), ``- `` bullet lists and paragraphs (blocks
+  separated by blank lines). Text is escaped; no inline markup.
+  """
+  out = []
+  for block in text.strip().split("\n\n"):
+    lines = block.splitlines()
+    if lines[0].startswith("#"):
+      level = len(lines[0]) - len(lines[0].lstrip("#"))
+      out.append(f"<h{level}>{_text(lines[0][level:].strip())}"
+                 f"</h{level}>")
+    elif lines[0].startswith("|"):
+      cells = [[_text(c.strip()) for c in line.strip().strip("|")
+                .split("|")] for line in lines if not line.startswith("|-")]
+      head = "".join(f"<th>{c}</th>" for c in cells[0])
+      body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                     for row in cells[1:])
+      out.append(f'<table class="metrics"><thead><tr>{head}</tr></thead>'
+                 f"<tbody>{body}</tbody></table>")
+    elif lines[0].startswith("- "):
+      out.append("<ul>" + "".join(f"<li>{_text(line[2:])}</li>"
+                                  for line in lines) + "</ul>")
+    else:
+      out.append(f"<p>{_text(' '.join(lines))}</p>")
+  return "\n".join(out)
+
+
+def _text(text: str) -> str:
+  return html.escape(text, quote=False)
 
 
 _CSS = """
@@ -600,6 +657,7 @@ table.metrics{border-collapse:collapse;font-variant-numeric:tabular-nums}
 .metrics tbody.summary tr:first-child>*{border-top:2px solid #444}
 .top{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
 img.pr{width:420px}
+img.sweep-pr{width:600px;max-width:100%}
 .legend .sw{display:inline-block;width:1em;height:1em;margin:0 .3em 0 .8em;
   vertical-align:-2px}
 .cases{display:flex;flex-wrap:wrap;gap:12px}
@@ -613,7 +671,8 @@ figcaption{font-size:12px;width:0;min-width:100%}
 """
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
+  """A whole self-contained page (the reports' CSS inline) around ``body``."""
   return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
           f"<body>\n{body}\n</body></html>\n")

@@ -33,7 +33,6 @@ import tqdm
 from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import configuration
 from tversky_jax import parallel
-from tversky_jax import plot_run
 from tversky_jax import preemption
 from tversky_jax import run_health
 from tversky_jax import train_state as train_state_lib
@@ -245,18 +244,13 @@ class _Run:
   def _validate(self) -> dict[str, float] | None:
     if not self.data.val_cases:
       return None
-    # Every process validates on its own devices with a local copy of the
-    # replicated parameters (in a multi-host job the global state spans
-    # devices this process cannot address).
+    # Each process validates on its own devices with a local copy of the
+    # replicated state (the global one spans devices it cannot address).
     local_state = parallel.localize(self.state, self.local_mesh)
-    values = validation.evaluate_cases(
+    values = self.final_metrics = validation.validate(
         self.data.val_cases, lambda x: self.logits(local_state, x),
         self.config, self.window, training_data.class_names(self.data.dataset),
-        list(self.local_mesh.devices.flat))
-    self.final_metrics = values
-    self.writer.write(self.step, {f"val/{k}": v for k, v in values.items()})
-    if self.is_lead:
-      tqdm.tqdm.write(f"step {self.step}: " + validation.format_metrics(values))
+        list(self.local_mesh.devices.flat), self.writer, self.step)
     return {k: v for k, v in values.items() if np.isfinite(v)}
 
   def _save(self, metrics: dict[str, float] | None = None) -> None:
@@ -281,13 +275,11 @@ class _Run:
     if best_step is not None:
       best_metrics = self.manager.restore_meta(best_step).get("metrics", {})
     self.manager.close()
-    self.writer.close()
+    self.writer.close()  # and draws curves.png
     interrupted = self.step < self.config.train.num_steps
-    if self.is_lead:
-      _plot_curves(self.workdir)
-      if not interrupted and best_metrics:
-        _log(f"Best validation {self.config.train.best_metric} at step "
-             f"{best_step}: " + validation.format_metrics(best_metrics))
+    if self.is_lead and not interrupted and best_metrics:
+      _log(f"Best validation {self.config.train.best_metric} at step "
+           f"{best_step}: " + validation.format_metrics(best_metrics))
     return TrainSummary(step=self.step, interrupted=interrupted,
                         last_loss=self.last_loss, best_step=best_step,
                         best_metrics=best_metrics,
@@ -300,14 +292,6 @@ def _make_workdir(workdir: str) -> None:
   except OSError as error:
     raise ConfigError(f"--workdir={workdir}: cannot create it "
                       f"({error.strerror or error})") from None
-
-
-def _plot_curves(workdir: str) -> None:
-  """Writes workdir/curves.png; a plot that fails never fails the run."""
-  try:
-    plot_run.plot_curves([workdir], os.path.join(workdir, "curves.png"))
-  except (plot_run.RunError, OSError, ValueError) as error:
-    _log(f"note: no training curves ({error}).")
 
 
 def _log(message: str) -> None:

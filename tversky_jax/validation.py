@@ -6,21 +6,33 @@ network sees it; :func:`segment` turns probabilities into a label map;
 the project's one per-case evaluator
 (:func:`tversky_jax.evaluate.evaluate_case_classes`, one-vs-rest per
 foreground class) and its aggregation (:class:`tversky_jax.evaluate.
-ClassPool`), as ``tversky-evaluate`` does.
+ClassPool`), as ``tversky-evaluate`` does. :func:`validate` is the trainer's
+validation step: the scores, written as ``val/*`` metrics, and (with
+TensorBoard) the overlay montages of the first :data:`OVERLAY_CASES` cases,
+drawn from the same predictions by :func:`case_overlay`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TYPE_CHECKING
 
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 
 from tversky_jax import evaluate
 from tversky_jax import inference
+from tversky_jax import report
 from tversky_jax.configuration import METRICS
 from tversky_jax.data import preprocessing
+
+if TYPE_CHECKING:
+  from tversky_jax.metric_writer import MetricWriter
+  from tversky_jax.training_data import ValidationCase
+
+# Validation cases (the first ones) drawn as TensorBoard images.
+OVERLAY_CASES = 2
 
 
 def class_probabilities(image: np.ndarray, logits_fn: Callable,
@@ -66,8 +78,9 @@ def segment(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 def evaluate_cases(cases: Sequence, logits_fn: Callable,
                    config: ml_collections.ConfigDict, window: Sequence[int],
                    class_names: Sequence[str],
-                   devices: Sequence[jax.Device] | None = None
-                   ) -> dict[str, float]:
+                   devices: Sequence[jax.Device] | None = None,
+                   on_case: Callable[[ValidationCase, np.ndarray], None]
+                   | None = None) -> dict[str, float]:
   """The paper's metrics of whole validation volumes, on each scan's grid.
 
   Args:
@@ -79,6 +92,8 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
     window: the sliding window.
     class_names: one per class, background first.
     devices: the devices the windows are spread over.
+    on_case: called with each case and its segmentation (``uint8``, on the
+      case's label grid) once it is scored.
 
   Returns:
     For two classes the keys of :data:`METRICS` (mean over cases; APR over
@@ -96,9 +111,12 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
         batch_size=inf.batch_size, mirror=inf.mirror, devices=devices)
     if case.meta is not None:
       probs = preprocessing.resample_to_original(probs, case.meta)
+    segmentation = segment(probs, inf.threshold)
     results = evaluate.evaluate_case_classes(
-        segment(probs, inf.threshold), case.label, probs, case.case_id,
-        classes, list(class_names))
+        segmentation, case.label, probs, case.case_id, classes,
+        list(class_names))
+    if on_case is not None:
+      on_case(case, segmentation)
     for k, result in zip(classes, results.values()):
       pools[k].add(result, probs[..., k], case.label == k)
   values = {k: _summary(pools[k].finish(k, class_names[k]))
@@ -110,6 +128,83 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
   for name in values[1]:
     result[name] = float(np.nanmean([s[name] for s in values.values()]))
   return result
+
+
+def validate(cases: Sequence[ValidationCase], logits_fn: Callable,
+             config: ml_collections.ConfigDict, window: Sequence[int],
+             class_names: Sequence[str], devices: Sequence[jax.Device],
+             writer: MetricWriter, step: int) -> dict[str, float]:
+  """:func:`evaluate_cases`, its values written as ``val/NAME`` at ``step``
+  and printed as one line (process 0).
+
+  When the writer takes images (TensorBoard), also the
+  :func:`case_overlay` of the first :data:`OVERLAY_CASES` cases, from the
+  predictions just scored (no second inference).
+  """
+  images = {}
+
+  def draw(case, segmentation):
+    if len(images) < OVERLAY_CASES:
+      tag, rgb = case_overlay(case, segmentation, class_names)
+      images[tag] = rgb
+
+  values = evaluate_cases(cases, logits_fn, config, window, class_names,
+                          devices, draw if writer.takes_images else None)
+  writer.write(step, {f"val/{k}": v for k, v in values.items()})
+  if images:
+    writer.write_images(step, images)
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(f"step {step}: " + format_metrics(values))
+  return values
+
+
+def case_overlay(case: ValidationCase, segmentation: np.ndarray,
+                 class_names: Sequence[str]) -> tuple[str, np.ndarray]:
+  """The overlay montage of a validation case, as ``tversky-evaluate
+  --report`` draws it (:func:`tversky_jax.report.overlay_montage`).
+
+  Args:
+    case: the case; its first image channel is put back on the label's grid
+      (as the probabilities are) and shown under the overlay.
+    segmentation: ``[X, Y, Z]`` label map on the label's grid.
+    class_names: one per class; with several foreground classes the montage
+      shows the one with the fewest reference voxels in the case.
+
+  Returns:
+    ``(tag, rgb)``: ``val_overlay/CASE`` (``/CLASS`` with several foreground
+    classes) and ``uint8 [h, w, 3]``. Display axes: RAS+ with the scan's
+    spacing when the case has ``meta``, else the array's own axes.
+  """
+  tag, k = f"val_overlay/{case.case_id}", 1
+  if len(class_names) > 2:
+    counts = np.bincount(case.label.ravel(),
+                         minlength=len(class_names))[1:len(class_names)]
+    present = np.flatnonzero(counts)
+    if present.size:
+      k = 1 + int(present[np.argmin(counts[present])])
+    tag += f"/{class_names[k]}"
+  scan, affine = _scan_on_label_grid(case)
+  reference, spacing = report.to_display_axes(case.label == k, affine)
+  prediction, _ = report.to_display_axes(segmentation == k, affine)
+  if scan is not None:
+    scan = report.to_display_axes(scan, affine)[0]
+  return tag, report.overlay_montage(scan, reference, prediction,
+                                     spacing=spacing)
+
+
+def _scan_on_label_grid(case: ValidationCase
+                        ) -> tuple[np.ndarray | None, np.ndarray]:
+  """(first image channel on the label's grid or None, its affine)."""
+  channel = np.asarray(case.image[..., 0], np.float32)
+  if case.meta is None:
+    scan, affine = channel, np.eye(4)
+  else:
+    meta = case.meta
+    scan = np.zeros(meta.original_shape, np.float32)
+    scan[tuple(slice(lo, hi) for lo, hi in meta.bbox)] = (
+        preprocessing.resample(channel, meta.shape_after_crop, (1, 1, 1)))
+    affine = np.asarray(meta.affine, np.float64)
+  return (scan if scan.shape == case.label.shape else None), affine
 
 
 def _summary(evaluation: evaluate.ClassEvaluation) -> dict[str, float]:

@@ -41,6 +41,12 @@ Finally it writes, in ``workdir``,
 * ``pr_curves.png``: one precision-recall curve per (alpha, beta), pooled over
   every held-out voxel of every fold and seed, with the operating point at the
   threshold marked;
+* ``results.html``: one self-contained page (opens offline, images
+  embedded): Table 1, the precision-recall curves, and one held-out case
+  (the one with the most lesion voxels, first seed) as predicted under every
+  setting, as overlay montages of :mod:`tversky_jax.report` (true positives,
+  false positives and false negatives in colour), then the other sections
+  of ``results.md``;
 
 and prints the table.
 """
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import html
 import json
 import math
 import os
@@ -66,6 +73,7 @@ from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import cli as cli_lib
 from tversky_jax import evaluate
 from tversky_jax import predict
+from tversky_jax import report
 from tversky_jax import train_lib
 from tversky_jax.data import nifti
 from tversky_jax.data import synthetic
@@ -73,6 +81,9 @@ from tversky_jax.data import synthetic
 RESULT_FILE = "result.json"
 HELDOUT_FILE = "heldout.npz"
 DEFAULT_PHANTOMS = "Dataset902_SweepPhantoms"
+# Montage panels of results.html: two settings side by side in 1100 px.
+OVERLAY_PANEL_PX = 112
+TITLE = "Tversky loss: alpha/beta sweep (Table 1 of Salehi et al. 2017)"
 # Table 1's metrics, in its order, and their column titles.
 TABLE_METRICS = (("dsc", "DSC"), ("sensitivity", "Sensitivity"),
                  ("specificity", "Specificity"), ("f2", "F2"), ("apr", "APR"))
@@ -344,7 +355,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     ``{"results": [result.json of each finished run], "missing": [Run],
-    "markdown": str, "paths": {...}}``.
+    "markdown": str, "paths": {...}, "overlays": [CaseOverlay], ...}``.
 
   Raises:
     SweepError: bad sweep settings, no dataset, or a finished run made with
@@ -385,11 +396,11 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *,
   if missing:
     log(f"{len(missing)} of {len(runs)} runs are not finished; the report "
         "holds the others.")
-  report = write_report(results, workdir,
-                        order=[(r.alpha, r.beta) for r in runs])
-  report["missing"] = missing
-  report["seconds"] = time.perf_counter() - sweep_start
-  return report
+  written = write_report(results, workdir,
+                         order=[(r.alpha, r.beta) for r in runs], root=root)
+  written["missing"] = missing
+  written["seconds"] = time.perf_counter() - sweep_start
+  return written
 
 
 # --------------------------------------------------------------------------
@@ -480,89 +491,111 @@ def _signed(value: float) -> str:
 def format_markdown(summaries: Sequence[SettingSummary],
                     num_runs: int | None = None) -> str:
   """The report: Table 1, seed spread, paired differences, lesions, checks."""
+  return "\n\n".join(markdown_sections(summaries, num_runs)) + "\n"
+
+
+def markdown_sections(summaries: Sequence[SettingSummary],
+                      num_runs: int | None = None) -> list[str]:
+  """The sections of :func:`format_markdown`, each a markdown string
+  starting with its ``##`` heading (Table 1 first)."""
   if not summaries:
-    return "No finished run yet.\n"
+    return ["No finished run yet."]
+  sections = [_table1_section(summaries), _seed_section(summaries)]
+  if len(summaries) > 1:
+    sections.append(_paired_section(summaries))
+  sections += [_lesion_section(summaries),
+               "\n".join(["## The paper's claims on these runs", "",
+                          *_claims(summaries)])]
+  if num_runs is not None:
+    sections[-1] += f"\n\n{num_runs} runs."
+  return sections
+
+
+def _table_head(prefix: str = "") -> list[str]:
+  return ["| alpha | beta | " + " | ".join(
+      f"{prefix}{t}" for _, t in TABLE_METRICS) + " |",
+          "|" + "---|" * (2 + len(TABLE_METRICS))]
+
+
+def _table_line(s: SettingSummary, cells: Sequence[str]) -> str:
+  return f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) + " |"
+
+
+def _table1_section(summaries: Sequence[SettingSummary]) -> str:
   seeds = sorted({s for summary in summaries for s in summary.seeds()})
   folds = sorted({r["fold"] for summary in summaries for r in summary.rows})
-  n_cases = len(summaries[0].rows)
-  lines = []
-  head = "| alpha | beta | " + " | ".join(t for _, t in TABLE_METRICS) + " |"
-  rule = "|" + "---|" * (2 + len(TABLE_METRICS))
-  lines += [
+  lines = [
       "## Held-out cases (%, mean ± std over cases)", "",
       f"Every case is predicted once per seed by the model of the fold that "
       f"held it out ({len(folds)}-fold cross-validation, seeds "
       f"{', '.join(map(str, seeds))}); mean and sample std over the "
-      f"{n_cases} (seed, case) rows of each setting, threshold "
-      "0.5 for DSC, sensitivity, specificity and F2; APR from the "
-      "probabilities.", "", head, rule]
-  for s in summaries:
-    cells = []
-    for key, _ in TABLE_METRICS:
-      mean, std = s.mean_std(key)
-      digits = 3 if key == "specificity" else 2
-      cells.append(f"{_pct(mean, digits)} ± {_pct(std, digits)}")
-    lines.append(f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) + " |")
+      f"{len(summaries[0].rows)} (seed, case) rows of each setting, "
+      "threshold 0.5 for DSC, sensitivity, specificity and F2; APR from the "
+      "probabilities.", "", *_table_head()]
+  def cell(s, key):
+    mean, std = s.mean_std(key)
+    digits = 3 if key == "specificity" else 2
+    return f"{_pct(mean, digits)} ± {_pct(std, digits)}"
+  return "\n".join(lines + _metric_rows(summaries, cell))
 
-  lines += ["", "## Spread over seeds", "",
-            "Per-seed means (%, over that seed's held-out cases) and their "
-            "std over seeds (the noise of a whole training run; a difference "
-            "between settings smaller than this is not resolved).", "",
-            head, rule]
-  for s in summaries:
-    cells = []
-    for key, _ in TABLE_METRICS:
-      digits = 3 if key == "specificity" else 1
-      means = " / ".join(_pct(v, digits) for v in s.seed_means(key).values())
-      cells.append(f"{means} (std {_pct(s.seed_std(key), digits)})")
-    lines.append(f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) + " |")
 
+def _metric_rows(summaries: Sequence[SettingSummary], cell) -> list[str]:
+  """One table line per setting, ``cell(summary, metric_key)`` per metric."""
+  return [_table_line(s, [cell(s, key) for key, _ in TABLE_METRICS])
+          for s in summaries]
+
+
+def _seed_section(summaries: Sequence[SettingSummary]) -> str:
+  lines = ["## Spread over seeds", "",
+           "Per-seed means (%, over that seed's held-out cases) and their "
+           "std over seeds (the noise of a whole training run; a difference "
+           "between settings smaller than this is not resolved).", "",
+           *_table_head()]
+  def cell(s, key):
+    digits = 3 if key == "specificity" else 1
+    means = " / ".join(_pct(v, digits) for v in s.seed_means(key).values())
+    return f"{means} (std {_pct(s.seed_std(key), digits)})"
+  return "\n".join(lines + _metric_rows(summaries, cell))
+
+
+def _paired_section(summaries: Sequence[SettingSummary]) -> str:
   base = summaries[0]
-  if len(summaries) > 1:
-    lines += ["", f"## Paired difference to alpha={base.alpha:g}, "
-              f"beta={base.beta:g}", "",
-              "Difference of the per-seed means (percentage points), seed by "
-              "seed: same seeds, folds, initialisations and data order, only "
-              "the loss differs.", "",
-              "| alpha | beta | " + " | ".join(
-                  f"Δ {t}" for _, t in TABLE_METRICS) + " |", rule]
-    for s in summaries[1:]:
-      cells = []
-      for key, _ in TABLE_METRICS:
-        mine, theirs = s.seed_means(key), base.seed_means(key)
-        diffs = [mine[k] - theirs[k] for k in mine if k in theirs]
-        cells.append(" / ".join(_signed(d) for d in diffs) or "-")
-      lines.append(f"| {s.alpha:g} | {s.beta:g} | " + " | ".join(cells) +
-                   " |")
+  lines = [f"## Paired difference to alpha={base.alpha:g}, "
+           f"beta={base.beta:g}", "",
+           "Difference of the per-seed means (percentage points), seed by "
+           "seed: same seeds, folds, initialisations and data order, only "
+           "the loss differs.", "", *_table_head("Δ ")]
+  def cell(s, key):
+    mine, theirs = s.seed_means(key), base.seed_means(key)
+    diffs = [mine[k] - theirs[k] for k in mine if k in theirs]
+    return " / ".join(_signed(d) for d in diffs) or "-"
+  return "\n".join(lines + _metric_rows(summaries[1:], cell))
 
-  lines += ["", "## Lesion-wise detection and precision", "",
-            "Lesions are 26-connected components; summed over all (seed, "
-            "case) rows. A low-load case has the fewest lesion voxels "
-            "(lowest third of the cases). Failed runs: runs without a "
-            "single true-positive voxel in any of their held-out cases "
-            "(a training collapsed to background).", "",
-            "| alpha | beta | Precision (%) | detected / lesions | missed | "
-            "false-positive components | DSC low-load cases (%) | "
-            "failed runs |",
-            "|---|---|---|---|---|---|---|---|"]
-  loads = sorted({r["case"]: r["tp"] + r["fn"] for r in base.rows}.items(),
-                 key=lambda kv: kv[1])
+
+def _lesion_section(summaries: Sequence[SettingSummary]) -> str:
+  lines = ["## Lesion-wise detection and precision", "",
+           "Lesions are 26-connected components; summed over all (seed, "
+           "case) rows. A low-load case has the fewest lesion voxels "
+           "(lowest third of the cases). Failed runs: runs without a "
+           "single true-positive voxel in any of their held-out cases "
+           "(a training collapsed to background).", "",
+           "| alpha | beta | Precision (%) | detected / lesions | missed | "
+           "false-positive components | DSC low-load cases (%) | "
+           "failed runs |",
+           "|---|---|---|---|---|---|---|---|"]
+  loads = sorted({r["case"]: r["tp"] + r["fn"]
+                  for r in summaries[0].rows}.items(), key=lambda kv: kv[1])
   low = {c for c, _ in loads[:max(1, len(loads) // 3)]}
   for s in summaries:
     mean, std = s.mean_std("precision")
     low_rows = [r for r in s.rows if r["case"] in low]
-    lines.append(
-        f"| {s.alpha:g} | {s.beta:g} | {_pct(mean)} ± {_pct(std)} | "
-        f"{s.total('detected_lesions')} / {s.total('ref_lesions')} | "
-        f"{s.total('missed_lesions')} | {s.total('fp_lesions')} | "
-        f"{_pct(_mean_of(low_rows, 'dsc'))} | "
-        f"{s.failed_runs()} of {s.num_runs()} |")
-
-  lines += ["", "## The paper's claims on these runs", ""]
-  lines += _claims(summaries)
-  if num_runs is not None:
-    lines += ["", f"{num_runs} runs."]
-  return "\n".join(lines) + "\n"
+    lines.append(_table_line(s, [
+        f"{_pct(mean)} ± {_pct(std)}",
+        f"{s.total('detected_lesions')} / {s.total('ref_lesions')}",
+        str(s.total("missed_lesions")), str(s.total("fp_lesions")),
+        _pct(_mean_of(low_rows, "dsc")),
+        f"{s.failed_runs()} of {s.num_runs()}"]))
+  return "\n".join(lines)
 
 
 def _claims(summaries: Sequence[SettingSummary]) -> list[str]:
@@ -604,13 +637,17 @@ def write_csv(results: Sequence[dict[str, Any]], path: str) -> str:
   return path
 
 
+def _heldout_path(workdir: str, record: dict[str, Any]) -> str:
+  return os.path.join(workdir, Run(record["alpha"], record["beta"],
+                                   record["seed"], record["fold"]).relpath(),
+                      HELDOUT_FILE)
+
+
 def _pooled_heldout(workdir: str, records: Sequence[dict[str, Any]]
                     ) -> tuple[np.ndarray, np.ndarray] | None:
   probs, labels = [], []
   for record in records:
-    path = os.path.join(workdir, Run(record["alpha"], record["beta"],
-                                     record["seed"], record["fold"]).relpath(),
-                        HELDOUT_FILE)
+    path = _heldout_path(workdir, record)
     if not os.path.isfile(path):
       return None
     with np.load(path) as data:
@@ -680,22 +717,181 @@ def plot_pr_curves(workdir: str, results: Sequence[dict[str, Any]],
 
 
 def write_report(results: Sequence[dict[str, Any]], workdir: str,
-                 order: Sequence[tuple[float, float]] | None = None
-                 ) -> dict[str, Any]:
-  """Writes results.md, results.csv and pr_curves.png in ``workdir``."""
+                 order: Sequence[tuple[float, float]] | None = None,
+                 root: str | None = None) -> dict[str, Any]:
+  """Writes results.md, results.csv, pr_curves.png and results.html.
+
+  ``root``: the dataset, for the scan under the overlays (default: the
+  ``data.root`` the runs were trained on; grey when it cannot be read).
+  """
   summaries = summarize(results, order)
-  markdown = ("# Tversky loss: alpha/beta sweep (Table 1 of Salehi et al. "
-              "2017)\n\n" + format_markdown(summaries, len(results)))
+  markdown = f"# {TITLE}\n\n" + format_markdown(summaries, len(results))
   paths = {"markdown": os.path.join(workdir, "results.md"),
            "csv": os.path.join(workdir, "results.csv"),
-           "plot": os.path.join(workdir, "pr_curves.png")}
+           "plot": os.path.join(workdir, "pr_curves.png"),
+           "html": os.path.join(workdir, "results.html")}
   with open(paths["markdown"], "w") as f:
     f.write(markdown)
   write_csv(results, paths["csv"])
   if plot_pr_curves(workdir, results, summaries, paths["plot"]) is None:
     paths["plot"] = None
+  if root is None and results:
+    root = results[0].get("config", {}).get("data", {}).get("root")
+  overlays = case_overlays(workdir, results, summaries, root)
+  write_html(paths["html"], summaries, len(results), paths["plot"], overlays)
   return {"results": list(results), "summaries": summaries,
-          "markdown": markdown, "paths": paths}
+          "markdown": markdown, "paths": paths, "overlays": overlays}
+
+
+# --------------------------------------------------------------------------
+# The HTML page: Table 1, the PR curves, one held-out case under every setting
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseOverlay:
+  """The overlay montage of the shown case under one setting.
+
+  Attributes:
+    alpha, beta: the setting.
+    case: the case; the same for every setting.
+    seed, fold: the run that predicted it (the same for every setting).
+    row: the case's metrics in that run (``result.json``).
+    png: :func:`tversky_jax.report.overlay_montage`, PNG-encoded.
+    focuses: the montage's rows (largest lesion, largest false positive).
+    has_image: whether the scan is under the overlay (else grey).
+  """
+
+  alpha: float
+  beta: float
+  case: str
+  seed: int
+  fold: int
+  row: dict[str, Any]
+  png: bytes
+  focuses: tuple[report.Focus, report.Focus]
+  has_image: bool
+
+
+def shown_case(summaries: Sequence[SettingSummary]
+               ) -> tuple[str, int] | None:
+  """``(case, seed)`` of the overlays: of the first seed, the held-out case
+  with the most reference lesion voxels (ties: the first by name) among the
+  cases every setting has; None without results."""
+  if not summaries:
+    return None
+  seed = min(summaries[0].seeds())
+  loads = {r["case"]: r["tp"] + r["fn"] for r in summaries[0].rows
+           if r["seed"] == seed}
+  for s in summaries[1:]:
+    have = {r["case"] for r in s.rows if r["seed"] == seed}
+    loads = {c: v for c, v in loads.items() if c in have}
+  if not loads:
+    return None
+  return max(sorted(loads), key=loads.get), seed
+
+
+def _read_scan(root: str | None, case_id: str
+               ) -> tuple[np.ndarray | None, np.ndarray]:
+  """(first channel, affine) of a case; (None, identity) when unreadable."""
+  try:
+    case = nifti.load_case(nifti.read_dataset(root), case_id)
+  except (nifti.DatasetError, OSError, TypeError):
+    return None, np.eye(4)
+  return case.image[..., 0], case.affine
+
+
+def case_overlays(workdir: str, results: Sequence[dict[str, Any]],
+                  summaries: Sequence[SettingSummary], root: str | None
+                  ) -> list[CaseOverlay]:
+  """The montage of the :func:`shown_case` under every setting.
+
+  Drawn from the run's ``heldout.npz`` (probabilities at the run's
+  threshold, the reference) over the scan in ``root``, in display axes, as
+  ``tversky-evaluate --report`` draws them. Empty when a setting's held-out
+  probabilities are missing.
+  """
+  choice = shown_case(summaries)
+  if choice is None:
+    return []
+  case_id, seed = choice
+  image, affine = _read_scan(root, case_id)
+  out = []
+  for s in summaries:
+    row = next(r for r in s.rows if (r["seed"], r["case"]) == (seed, case_id))
+    record = next(r for r in results if (r["alpha"], r["beta"], r["seed"],
+                                         r["fold"]) == (s.alpha, s.beta, seed,
+                                                        row["fold"]))
+    path = _heldout_path(workdir, record)
+    if not os.path.isfile(path):
+      return []
+    with np.load(path) as held:
+      if f"prob/{case_id}" not in held:
+        return []
+      prob, label = held[f"prob/{case_id}"], held[f"label/{case_id}"]
+    reference, spacing = report.to_display_axes(label != 0, affine)
+    prediction, _ = report.to_display_axes(
+        prob >= record.get("threshold", 0.5), affine)
+    scan = None
+    if image is not None and image.shape == label.shape:
+      scan = report.to_display_axes(image, affine)[0]
+    focuses = report.focus_points(reference, prediction)
+    rgb = report.overlay_montage(scan, reference, prediction, spacing=spacing,
+                                 focuses=focuses, panel_px=OVERLAY_PANEL_PX)
+    out.append(CaseOverlay(s.alpha, s.beta, case_id, seed, row["fold"], row,
+                           report.encode_png(rgb), focuses, scan is not None))
+  return out
+
+
+def write_html(path: str, summaries: Sequence[SettingSummary],
+               num_runs: int, plot: str | None,
+               overlays: Sequence[CaseOverlay]) -> str:
+  """results.html: one self-contained page (images embedded): Table 1, the
+  precision-recall curves, the overlays, then the other sections."""
+  sections = markdown_sections(summaries, num_runs)
+  body = [f"<h1>{html.escape(TITLE)}</h1>", report.markdown_html(sections[0])]
+  if plot is not None:
+    with open(plot, "rb") as f:
+      body.append('<h2>Precision-recall</h2><img class="sweep-pr" '
+                  'alt="precision-recall curves" '
+                  f'src="{report.data_uri(f.read())}">')
+  body.append(_overlay_section(overlays))
+  body += [report.markdown_html(s) for s in sections[1:]]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(report.html_page(TITLE, "\n".join(body)))
+  return path
+
+
+def _overlay_section(overlays: Sequence[CaseOverlay]) -> str:
+  if not overlays:
+    return ("<p>No held-out probabilities (heldout.npz), so no overlays."
+            "</p>")
+  first = overlays[0]
+  row = first.row
+  intro = (f"Case {html.escape(first.case)} (of the held-out cases the one "
+           f"with the most lesion voxels: {row['tp'] + row['fn']}), predicted "
+           f"by the fold-{first.fold} model of seed {first.seed} of every "
+           "setting: same initialisation, data order and case, only alpha "
+           "and beta differ.")
+  if not first.has_image:
+    intro += " The scan could not be read, so the overlays are on grey."
+  figures = [report.montage_figure(
+      f"overlay-{setting_name(o.alpha, o.beta)}",
+      f"{o.case}, alpha={o.alpha:g}, beta={o.beta:g}", o.png, o.focuses,
+      o.has_image, OVERLAY_PANEL_PX, _overlay_caption(o)) for o in overlays]
+  return "\n".join([
+      "<h2>One held-out case under every setting</h2>", f"<p>{intro}</p>",
+      report.legend(first.has_image), '<div class="cases">', *figures,
+      "</div>"])
+
+
+def _overlay_caption(o: CaseOverlay) -> str:
+  r = o.row
+  return (f"<b>α={o.alpha:g}, β={o.beta:g}</b>: DSC {_pct(r['dsc'], 1)} %, "
+          f"sensitivity {_pct(r['sensitivity'], 1)} %, precision "
+          f"{_pct(r['precision'], 1)} %; lesions detected "
+          f"{r['detected_lesions']}/{r['ref_lesions']}, FP components "
+          f"{r['fp_lesions']}")
 
 
 # --------------------------------------------------------------------------
@@ -745,8 +941,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
     enable_compilation_cache(config.sweep.compilation_cache, workdir)
     start = time.perf_counter()
     try:
-      report = run_sweep(config, workdir, train=not report_only_flag.value,
-                         log=lambda m: print(m, flush=True))
+      written = run_sweep(config, workdir, train=not report_only_flag.value,
+                          log=lambda m: print(m, flush=True))
     except (SweepError, train_lib.ConfigError, train_lib.TrainingDiverged,
             nifti.DatasetError, predict.PredictError,
             checkpoint_lib.CheckpointError) as error:
@@ -754,12 +950,12 @@ def cli(argv: Sequence[str] | None = None) -> None:
     except SweepInterrupted as error:
       sys.exit(str(error))
     print()
-    print(report["markdown"])
-    paths = report["paths"]
-    print(f"Wrote {paths['markdown']}, {paths['csv']}"
+    print(written["markdown"])
+    paths = written["paths"]
+    print(f"Wrote {paths['markdown']}, {paths['csv']}, {paths['html']}"
           + (f" and {paths['plot']}" if paths["plot"] else ""))
     print(f"Wall time {time.perf_counter() - start:.0f} s.")
-    if report["missing"]:
+    if written["missing"]:
       sys.exit(1)
 
   app.run(main, argv=argv, flags_parser=cli_lib.parse_flags)

@@ -11,6 +11,15 @@ from tversky_jax import checkpoint
 from tversky_jax import parallel
 
 
+def subprocess_env(devices=4):
+  """The environment for a train.py subprocess: CPU, ``devices`` simulated
+  devices, the other XLA flags of conftest (and its compilation cache)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+
+
 def tiny_config(dataset_root, **overrides):
   """A config that trains in seconds on 24^3 phantoms; keys are dotted."""
   config = default.get_config()
@@ -19,6 +28,9 @@ def tiny_config(dataset_root, **overrides):
   config.data.patch_shape = (16, 16, 16)
   config.model.base_features = 4
   config.model.depth = 2
+  # Off unless a test is about it: tracing and compiling the augmentation
+  # costs more than the rest of the tiny train step.
+  config.augment.enabled = False
   config.optimizer.learning_rate = 1e-3
   config.train.batch_size = 4
   config.train.num_steps = 6

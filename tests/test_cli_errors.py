@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.helpers import tiny_train_flags
+from tests.helpers import subprocess_env, tiny_train_flags
 from tversky_jax import evaluate
 from tversky_jax import plot_run
 from tversky_jax import predict
@@ -87,8 +87,7 @@ def _train_cases(tiny_dataset, tmp_path):
 
 def test_train_py_and_sweep_bad_inputs(tiny_dataset, tmp_path):
   cases = _train_cases(tiny_dataset, tmp_path)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = subprocess_env(4)
   commands = list(dict.fromkeys(tuple(args) for _, args, _ in cases))
   outputs = {}
   for start in range(0, len(commands), 2):  # two at a time: two cores

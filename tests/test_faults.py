@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import saved_params, tiny_config, tiny_train_flags
+from tests.helpers import saved_params, subprocess_env, tiny_config, tiny_train_flags
 from tversky_jax import checkpoint
 from tversky_jax import train_lib
 
@@ -200,8 +200,7 @@ def test_sigkill_anywhere_resumes_from_a_committed_checkpoint(
                            **{"train.checkpoint_every": 1})
   # The session's compilation cache (conftest) spares the restarts the
   # compilation of the train step.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = subprocess_env(4)
   rng = random.Random(0)
   moments = ["save", "step", "save", "step"]
   kills, resumes, committed = 0, 0, set()

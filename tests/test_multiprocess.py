@@ -14,7 +14,7 @@ import time
 import numpy as np
 import portpicker
 
-from tests.helpers import saved_params, tiny_config, tiny_train_flags
+from tests.helpers import saved_params, subprocess_env, tiny_config, tiny_train_flags
 from tversky_jax import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +24,7 @@ def two_process_job(tiny_dataset, workdir, tmp_path, **overrides):
   port = portpicker.pick_unused_port()
   flags = tiny_train_flags(tiny_dataset, workdir, **overrides) + [
       f"--coordinator=localhost:{port}", "--num_processes=2"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = subprocess_env(2)
   processes = []
   for i in range(2):
     log = open(tmp_path / f"process{i}.log", "w")

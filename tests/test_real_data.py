@@ -53,7 +53,8 @@ def three_class_dataset(tmp_path_factory):
 def test_three_classes_and_mixed_spacings_train_and_predict_on_each_grid(
     three_class_dataset, tmp_path):
   config = tiny_config(three_class_dataset, **{"train.num_steps": 2,
-                                               "train.eval_every": 2})
+                                               "train.eval_every": 2,
+                                               "augment.enabled": True})
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"),
                                          progress=False)
   assert summary.step == 2

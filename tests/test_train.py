@@ -61,6 +61,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
   assert_same_params(params, straight_run[2], rtol=0, atol=0)
 
 
+def test_resumed_run_draws_the_same_augmentations(tiny_dataset, straight_run,
+                                                  tmp_path):
+  """The on-device augmentation is keyed by the step: a resumed run applies
+  exactly the augmentations of an uninterrupted one."""
+  config = tiny_config(tiny_dataset, **{"augment.enabled": True})
+  straight = train_lib.train_and_evaluate(config, str(tmp_path / "straight"),
+                                          progress=False)
+  first = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"),
+                                       stop_after=3, progress=False)
+  second = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"),
+                                        progress=False)
+  assert (straight.step, first.step, second.step) == (6, 3, 6)
+  _, expected = saved_params(str(tmp_path / "straight"), config)
+  _, params = saved_params(str(tmp_path / "resumed"), config)
+  assert_same_params(params, expected, rtol=0, atol=0)
+  # The augmentation changed what the network saw.
+  assert any(not np.array_equal(a, b) for a, b in zip(expected, straight_run[2]))
+
+
 def test_sigterm_saves_and_the_rerun_equals_uninterrupted(
     tiny_dataset, straight_run, tmp_path, monkeypatch, capsys):
   config = tiny_config(tiny_dataset, **{"train.checkpoint_every": 0})

@@ -14,6 +14,7 @@ import os
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -114,6 +115,14 @@ def initialize_distributed(mode: str = "auto", *,
 
   Returns:
     True when the distributed runtime was started.
+
+  Right after starting, all processes run one tiny collective over all
+  devices, while they are still in step: on CPU, gloo sets up its
+  communicator at the first collective and gives the other processes only
+  30 s to arrive (not configurable), which a first train step whose
+  compilation takes longer in one process than in another would miss. Later
+  collectives over the same devices reuse the communicator and wait as long
+  as needed.
   """
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}.")
@@ -127,4 +136,6 @@ def initialize_distributed(mode: str = "auto", *,
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id,
       local_device_ids=list(local_device_ids) if local_device_ids else None)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tversky_jax: processes started")
   return True

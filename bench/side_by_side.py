@@ -1,9 +1,11 @@
 """Ours vs PyTorch on the same network and input, in one run.
 
 Usage (torch and MONAI come with the optional extra: pip install -e ".[bench]"):
-  python bench/side_by_side.py                      # everything, 5 repeats
+  python bench/side_by_side.py                      # the CPU works, 5 repeats
   python bench/side_by_side.py --work step32 infer --repeats 7
   python bench/side_by_side.py --memory             # + peak memory per work
+  python bench/side_by_side.py --work whole step128 infer_whole \
+      --dtype bfloat16 --memory                     # GPU sizes (gpu_side_by_side.sh)
 
 Works (each ours vs theirs):
   step32  one training step, batch 2 x 32^3, 3 channels, 2 classes
@@ -13,6 +15,14 @@ Works (each ours vs theirs):
           tversky_jax.inference; theirs: MONAI's sliding_window_inference)
   loss    Tversky loss forward + backward on [2, 128^3, 2] logits (ours:
           tversky_jax.losses; theirs: MONAI's TverskyLoss)
+  whole   one training step on the paper's whole volume, 1 x 128x224x256
+  step128 one training step, batch 2 x 128^3
+  infer_whole  sliding-window inference of a 128x224x256 volume, 128^3
+          windows, overlap 0.5, 2 windows per call
+
+With ``--dtype bfloat16`` our layers compute in bfloat16 (parameters and the
+loss stay float32) and the twin runs under ``torch.autocast(bfloat16)``.
+On a GPU both sides run there (torch on "cuda" when jax's backend is a GPU).
 
 The network is the paper's U-Net (`--model paper`: base 16, depth 4, no
 normalisation, Tversky loss) or the default recipe's (`--model default`:
@@ -28,7 +38,8 @@ repetitions are interleaved (ours, theirs, ours, theirs, ...) so that a
 change of machine load hits both; the table gives medians and the ratio
 ours / theirs (below 1: we are faster). `--memory` runs each work of each
 side again in a fresh process and reports its peak resident memory minus
-the process's resident memory just before the work's first call.
+the process's resident memory just before the work's first call (on a GPU:
+the device's peak allocation minus what was allocated before).
 """
 
 from __future__ import annotations
@@ -57,19 +68,35 @@ from configs import default as default_config  # noqa: E402
 from configs import paper as paper_config  # noqa: E402
 from tversky_jax import inference, losses, parallel, train_state  # noqa: E402
 
-WORKS = ("step32", "step64", "infer", "loss")
+CPU_WORKS = ("step32", "step64", "infer", "loss")
+WORKS = CPU_WORKS + ("whole", "step128", "infer_whole")
 CHANNELS = 3
-STEP_SHAPES = {"step32": (2, (32, 32, 32)), "step64": (1, (64, 64, 64))}
-INFER_SHAPE, INFER_WINDOW, INFER_BATCH = (64, 112, 128), (64, 64, 64), 4
+STEP_SHAPES = {"step32": (2, (32, 32, 32)), "step64": (1, (64, 64, 64)),
+               "whole": (1, (128, 224, 256)), "step128": (2, (128, 128, 128))}
+# volume, window, windows per call
+INFER = {"infer": ((64, 112, 128), (64, 64, 64), 4),
+         "infer_whole": ((128, 224, 256), (128, 128, 128), 2)}
 LOSS_SHAPE = (2, 128, 128, 128)
+ON_GPU = jax.default_backend() == "gpu"
+TORCH_DEVICE = torch.device("cuda" if ON_GPU and torch.cuda.is_available()
+                            else "cpu")
+# cuDNN picks its fastest algorithms for the fixed shapes, as a PyTorch user
+# would have it.
+torch.backends.cudnn.benchmark = TORCH_DEVICE.type == "cuda"
 
 
-def make_config(model: str):
+def make_config(model: str, dtype: str = "float32"):
   config = (paper_config if model == "paper" else default_config).get_config()
   config.augment.enabled = False
   config.model.conv_impl = "auto"
+  config.model.dtype = dtype
   config.optimizer.warmup_steps = 0
   return config
+
+
+def sync() -> None:
+  if TORCH_DEVICE.type == "cuda":
+    torch.cuda.synchronize()
 
 
 def rss_mb() -> float:
@@ -113,13 +140,13 @@ class Ours:
       jax.block_until_ready(metrics)
     return run
 
-  def infer_fn(self):
+  def infer_fn(self, work: str):
+    shape, window, batch = INFER[work]
     volume = np.random.default_rng(1).normal(
-        size=(*INFER_SHAPE, CHANNELS)).astype(np.float32)
+        size=(*shape, CHANNELS)).astype(np.float32)
     logits_fn = lambda x: self.logits(self.state, x)  # noqa: E731
     return lambda: inference.sliding_window_inference(
-        logits_fn, volume, window=INFER_WINDOW, overlap=0.5,
-        batch_size=INFER_BATCH)
+        logits_fn, volume, window=window, overlap=0.5, batch_size=batch)
 
 
 class Theirs:
@@ -127,7 +154,10 @@ class Theirs:
 
   def __init__(self, ours: Ours):
     self.config = ours.config
-    self.model = torch_twin.twin_of(ours.model)
+    self.model = torch_twin.twin_of(ours.model).to(TORCH_DEVICE)
+    self.autocast = torch.autocast(
+        TORCH_DEVICE.type, dtype=torch.bfloat16,
+        enabled=ours.config.model.dtype == "bfloat16")
 
   def loss(self, logits, labels):
     cfg = self.config.loss
@@ -140,33 +170,39 @@ class Theirs:
 
   def step_fn(self, batch: int, shape):
     image, label = random_batch(batch, shape)
-    x = torch_twin.to_torch(image)
-    y = torch.from_numpy(label)
+    x = torch_twin.to_torch(image).to(TORCH_DEVICE)
+    y = torch.from_numpy(label).to(TORCH_DEVICE)
     optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
     clip = self.config.optimizer.grad_clip_norm
 
     def run():
       optimizer.zero_grad(set_to_none=True)
-      loss = self.loss(self.model(x), y)
+      with self.autocast:
+        logits = self.model(x)
+      loss = self.loss(logits.float(), y)
       loss.backward()
       if clip > 0:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
       optimizer.step()
+      sync()
     return run
 
-  def infer_fn(self):
+  def infer_fn(self, work: str):
     from monai.inferers import sliding_window_inference
+    shape, window, batch = INFER[work]
     volume = np.random.default_rng(1).normal(
-        size=(*INFER_SHAPE, CHANNELS)).astype(np.float32)
-    x = torch_twin.to_torch(volume[None])
+        size=(*shape, CHANNELS)).astype(np.float32)
+    x = torch_twin.to_torch(volume[None])  # on the host, like ours
     model = self.model.eval()
 
     def run():
-      with torch.inference_mode():
+      with torch.inference_mode(), self.autocast:
         logits = sliding_window_inference(
-            x, INFER_WINDOW, INFER_BATCH, model, overlap=0.5, mode="gaussian",
-            sigma_scale=0.125)
-        return torch.softmax(logits, dim=1)
+            x, window, batch, model, overlap=0.5, mode="gaussian",
+            sigma_scale=0.125, sw_device=TORCH_DEVICE, device="cpu")
+        probs = torch.softmax(logits.float(), dim=1)
+      sync()
+      return probs
     return run
 
 
@@ -183,11 +219,13 @@ def loss_fns():
   monai_loss = TverskyLoss(softmax=True, to_onehot_y=True,
                            include_background=False, alpha=0.3, beta=0.7)
   t_logits = torch.from_numpy(logits).permute(0, 4, 1, 2, 3).contiguous()
-  t_labels = torch.from_numpy(labels)[:, None]
+  t_logits = t_logits.to(TORCH_DEVICE)
+  t_labels = torch.from_numpy(labels)[:, None].to(TORCH_DEVICE)
 
   def theirs():
     q = t_logits.detach().requires_grad_(True)
     monai_loss(q, t_labels).backward()
+    sync()
   return ours, theirs
 
 
@@ -199,17 +237,19 @@ def check_twin(ours: Ours, theirs: Theirs) -> str:
     raise SystemExit(f"parameter counts differ: ours {n_ours}, twin {n_theirs}")
   image, _ = random_batch(1, (32, 32, 32), seed=3)
   a = np.asarray(ours.logits(ours.state, jnp.asarray(image)))
-  with torch.no_grad():
-    b = theirs.model.eval()(torch_twin.to_torch(image)).permute(0, 2, 3, 4, 1)
-  diff = float(np.max(np.abs(a - b.numpy())) / np.max(np.abs(a)))
-  if not diff < 1e-3:
+  with torch.no_grad(), theirs.autocast:
+    b = theirs.model.eval()(torch_twin.to_torch(image).to(TORCH_DEVICE))
+  b = b.float().permute(0, 2, 3, 4, 1).cpu().numpy()
+  diff = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+  tolerance = 1e-3 if ours.config.model.dtype == "float32" else 5e-2
+  if not diff < tolerance:
     raise SystemExit(f"twin logits differ from ours: max rel. diff {diff:.2e}")
   return f"{n_ours:,} parameters each; logits max |diff| / max |logit| = {diff:.1e}"
 
 
-def make_works(model: str, works) -> tuple[dict, str]:
+def make_works(model: str, works, dtype: str = "float32") -> tuple[dict, str]:
   """``{(work, side): callable}`` for the requested works, and the twin check."""
-  ours = Ours(make_config(model))
+  ours = Ours(make_config(model, dtype))
   theirs = Theirs(ours)
   summary = check_twin(ours, theirs)
   fns = {}
@@ -217,8 +257,9 @@ def make_works(model: str, works) -> tuple[dict, str]:
     if work in STEP_SHAPES:
       fns[work, "ours"] = ours.step_fn(*STEP_SHAPES[work])
       fns[work, "torch"] = theirs.step_fn(*STEP_SHAPES[work])
-    elif work == "infer":
-      fns[work, "ours"], fns[work, "torch"] = ours.infer_fn(), theirs.infer_fn()
+    elif work in INFER:
+      fns[work, "ours"] = ours.infer_fn(work)
+      fns[work, "torch"] = theirs.infer_fn(work)
     elif work == "loss":
       fns[work, "ours"], fns[work, "torch"] = loss_fns()
   return fns, summary
@@ -236,44 +277,64 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
   return times
 
 
-def memory_of(model: str, work: str, side: str) -> float:
-  """Peak RSS growth (MB) of one work on one side, in a fresh process."""
+def memory_of(model: str, work: str, side: str, dtype: str) -> float:
+  """Peak memory growth (MB) of one work on one side, in a fresh process."""
   out = subprocess.run(
-      [sys.executable, __file__, "--model", model, "--one", f"{work}:{side}"],
-      capture_output=True, text=True, check=True)
+      [sys.executable, __file__, "--model", model, "--dtype", dtype,
+       "--one", f"{work}:{side}"], capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def run_one(model: str, spec: str) -> None:
+def device_mb(side: str, peak: bool) -> float:
+  """The accelerator's allocated (or peak allocated) memory of one side."""
+  if side == "torch":
+    value = (torch.cuda.max_memory_allocated() if peak
+             else torch.cuda.memory_allocated())
+  else:
+    stats = jax.devices()[0].memory_stats()
+    value = stats["peak_bytes_in_use" if peak else "bytes_in_use"]
+  return value / 2**20
+
+
+def run_one(model: str, spec: str, dtype: str) -> None:
   work, side = spec.split(":")
-  fns, _ = make_works(model, [work])
+  fns, _ = make_works(model, [work], dtype)
   fn = fns[work, side]
-  base = rss_mb()
+  if ON_GPU:
+    if side == "torch":
+      torch.cuda.reset_peak_memory_stats()
+    base = device_mb(side, peak=False)
+  else:
+    base = rss_mb()
   fn()
   fn()
-  print(json.dumps({"peak_mb": peak_rss_mb() - base}))
+  peak = device_mb(side, peak=True) if ON_GPU else peak_rss_mb()
+  print(json.dumps({"peak_mb": peak - base}))
 
 
 def header() -> str:
   return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores, load {os.getloadavg()[0]:.2f}; jax {jax.__version__} "
-          f"({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"({TORCH_DEVICE}, {torch.get_num_threads()} threads)")
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="paper", choices=("paper", "default"))
-  parser.add_argument("--work", nargs="+", default=list(WORKS), choices=WORKS)
+  parser.add_argument("--work", nargs="+", default=list(CPU_WORKS),
+                      choices=WORKS)
+  parser.add_argument("--dtype", default="float32",
+                      choices=("float32", "bfloat16"))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
-    return run_one(args.model, args.one)
+    return run_one(args.model, args.one, args.dtype)
   print(header())
-  fns, summary = make_works(args.model, args.work)
-  print(f"model {args.model}: {summary}")
+  fns, summary = make_works(args.model, args.work, args.dtype)
+  print(f"model {args.model}, {args.dtype}: {summary}")
   times = time_interleaved(fns, args.repeats)
   print(f"median of {args.repeats} interleaved repetitions, load after "
         f"{os.getloadavg()[0]:.2f}")
@@ -283,8 +344,8 @@ def main() -> None:
     a, b = (float(np.median(times[work, s])) * 1e3 for s in ("ours", "torch"))
     line = f"{work:8s} {a:9.1f} {b:9.1f} {a / b:6.2f}"
     if args.memory:
-      line += (f" {memory_of(args.model, work, 'ours'):8.0f}"
-               f" {memory_of(args.model, work, 'torch'):8.0f}")
+      line += "".join(f" {memory_of(args.model, work, side, args.dtype):8.0f}"
+                      for side in ("ours", "torch"))
     print(line, flush=True)
 
 

@@ -49,10 +49,17 @@ def compilation_cache(tmp_path_factory):
 
   Many tests compile the same train step (same config, same shapes); with
   the cache each distinct program compiles once per test session, in this
-  process and in the train.py subprocesses the tests start.
+  process, in the other pytest-xdist worker and in the train.py subprocesses
+  the tests start.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  path = str(tmp_path_factory.mktemp("jax_cache"))
+  # Under pytest-xdist each worker's base temp is <run>/popen-gwN: the
+  # workers share <run>/jax_cache (JAX writes cache entries atomically).
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = str(base / "jax_cache")
+  os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -520,6 +520,58 @@ class UpBlock(nnx.Module):
     return self.block(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))
 
 
+def _stage_strides(strides: Sequence[Sequence[int]] | None,
+                   depth: int | None) -> tuple[tuple[int, int, int], ...]:
+  """The pooling strides per stage from ``strides`` and/or ``depth``."""
+  if strides is None:
+    depth = DEFAULT_DEPTH if depth is None else depth
+    if depth < 0:
+      raise ValueError(f"depth must be >= 0, got {depth}.")
+    return default_strides(depth)
+  strides = validate_strides(strides)
+  if depth is not None and depth != len(strides):
+    raise ValueError(
+        f"depth={depth} disagrees with the {len(strides)} stages of "
+        f"strides={strides}; pass only one of them.")
+  return strides
+
+
+def _stage_features(features_per_stage: Sequence[int] | None,
+                    base_features: int | None, depth: int) -> tuple[int, ...]:
+  """The features of each of the ``depth + 1`` stages, finest first."""
+  if features_per_stage is None:
+    base_features = (DEFAULT_BASE_FEATURES if base_features is None
+                     else base_features)
+    if base_features < 1:
+      raise ValueError(f"base_features must be >= 1, got {base_features}.")
+    return tuple(base_features * 2**level for level in range(depth + 1))
+  features = tuple(int(f) for f in features_per_stage)
+  if len(features) != depth + 1 or min(features) < 1:
+    raise ValueError(
+        f"features_per_stage={tuple(features_per_stage)}: expected "
+        f"depth + 1 = {depth + 1} positive feature counts (one per stage, "
+        "bottleneck included).")
+  if base_features is not None and base_features != features[0]:
+    raise ValueError(
+        f"base_features={base_features} disagrees with "
+        f"features_per_stage[0]={features[0]}; pass only one of them.")
+  return features
+
+
+def _head_bias_initializer(head_bias_init: Sequence[float] | None,
+                           num_classes: int) -> nnx.Initializer:
+  """Zeros, or the given per-class constants (checked)."""
+  if head_bias_init is None:
+    return nnx.initializers.zeros_init()
+  head_bias = tuple(float(b) for b in head_bias_init)
+  if len(head_bias) != num_classes or not all(map(math.isfinite, head_bias)):
+    raise ValueError(
+        f"head_bias_init={tuple(head_bias_init)}: expected "
+        f"num_classes={num_classes} finite values (e.g. log class "
+        "frequencies).")
+  return _constant_init(head_bias)
+
+
 class UNet3D(nnx.Module):
   """The paper's 3D U-Net; returns float32 logits.
 
@@ -630,48 +682,14 @@ class UNet3D(nnx.Module):
       if value not in options:
         raise ValueError(
             f"Unknown {name} {value!r}; expected one of {options}.")
-    if strides is None:
-      depth = DEFAULT_DEPTH if depth is None else depth
-      if depth < 0:
-        raise ValueError(f"depth must be >= 0, got {depth}.")
-      strides = default_strides(depth)
-    else:
-      strides = validate_strides(strides)
-      if depth is not None and depth != len(strides):
-        raise ValueError(
-            f"depth={depth} disagrees with the {len(strides)} stages of "
-            f"strides={strides}; pass only one of them.")
-      depth = len(strides)
-    if features_per_stage is None:
-      base_features = (DEFAULT_BASE_FEATURES if base_features is None
-                       else base_features)
-      if base_features < 1:
-        raise ValueError(f"base_features must be >= 1, got {base_features}.")
-      features = tuple(base_features * 2**level for level in range(depth + 1))
-    else:
-      features = tuple(int(f) for f in features_per_stage)
-      if len(features) != depth + 1 or min(features) < 1:
-        raise ValueError(
-            f"features_per_stage={tuple(features_per_stage)}: expected "
-            f"depth + 1 = {depth + 1} positive feature counts (one per stage, "
-            "bottleneck included).")
-      if base_features is not None and base_features != features[0]:
-        raise ValueError(
-            f"base_features={base_features} disagrees with "
-            f"features_per_stage[0]={features[0]}; pass only one of them.")
+    strides = _stage_strides(strides, depth)
+    depth = len(strides)
+    features = _stage_features(features_per_stage, base_features, depth)
     for name, value in (("in_channels", in_channels),
                         ("num_classes", num_classes)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
-    bias_init = nnx.initializers.zeros_init()
-    if head_bias_init is not None:
-      head_bias = tuple(float(b) for b in head_bias_init)
-      if len(head_bias) != num_classes or not all(map(math.isfinite, head_bias)):
-        raise ValueError(
-            f"head_bias_init={tuple(head_bias_init)}: expected "
-            f"num_classes={num_classes} finite values (e.g. log class "
-            "frequencies).")
-      bias_init = _constant_init(head_bias)
+    bias_init = _head_bias_initializer(head_bias_init, num_classes)
 
     self.in_channels = in_channels
     self.num_classes = num_classes

@@ -234,3 +234,24 @@ def test_sigkill_anywhere_resumes_from_a_committed_checkpoint(
   assert step == 6
   for a, b in zip(params, straight_run[2]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_full_disk_is_named_even_behind_orbax_clean_up_errors(tmp_path):
+  """orbax's clean-up after a failed async write can raise its own error
+  (e.g. a missing temporary folder) in place of the ENOSPC that started it:
+  the one-line error still says the disk is full."""
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+      raise FileNotFoundError(errno.ENOENT, "No such file or directory",
+                              "data.orbax-checkpoint-tmp")
+  except FileNotFoundError as error:
+    behind_clean_up = error
+  manager = checkpoint.CheckpointManager(tmp_path / "ckpt", async_save=False)
+  message = str(manager._write_error(behind_clean_up))
+  assert "no space left on device" in message
+  assert "already on disk are intact" in message
+  other = str(manager._write_error(PermissionError(errno.EACCES, "denied")))
+  assert "no space" not in other and "denied" in other
+  manager.close()

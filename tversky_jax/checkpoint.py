@@ -20,9 +20,11 @@ truncated file) is skipped with a warning and the previous one is used.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -122,9 +124,11 @@ class CheckpointManager:
       raise self._write_error(error) from error
 
   def _write_error(self, error: Exception) -> CheckpointError:
+    reason = ("no space left on device"
+              if _disk_full(error, self.directory) else _first_line(error))
     return CheckpointError(
         f"writing a checkpoint to {self.directory} failed "
-        f"({_first_line(error)}); the checkpoints already on disk are intact")
+        f"({reason}); the checkpoints already on disk are intact")
 
   def close(self) -> None:
     self.wait()
@@ -299,6 +303,31 @@ def _metric_getter(name: str, mode: str):
     return worst if math.isnan(value) else value
 
   return get
+
+
+# Below this many free bytes a failed write is put down to a full disk.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _disk_full(error: BaseException, directory: str | os.PathLike) -> bool:
+  """Whether a failed write is due to a full disk.
+
+  Either ENOSPC is somewhere in the exception chain, or the disk under
+  ``directory`` has (almost) no space left: orbax's clean-up after a failed
+  asynchronous write sometimes raises its own error (e.g. a missing
+  temporary folder) in place of the ENOSPC that started it.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (getattr(error, "errno", None) == errno.ENOSPC
+        or "No space left on device" in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  try:
+    return shutil.disk_usage(directory).free < _FULL_DISK_BYTES
+  except OSError:
+    return False
 
 
 def _first_line(error: Exception) -> str:

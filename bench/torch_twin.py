@@ -60,7 +60,9 @@ class TwinUNet3D(nn.Module):
     """Builds the twin of the Flax ``UNet3D`` ``model`` (structure only)."""
     super().__init__()
     features, strides = model.features_per_stage, model.strides
-    eps = 1e-6 if model.normalization == "batch" else 1e-6
+    eps = 1e-6  # Flax's InstanceNorm / GroupNorm default (BatchNorm: 1e-5)
+    if model.normalization == "batch":
+      eps = 1e-5
     block = lambda cin, cout: ConvBlock(cin, cout, model.normalization,
                                         model.activation, eps)
     self.strides = strides

@@ -54,7 +54,9 @@ def compilation_cache(tmp_path_factory):
   """
   import jax  # pylint: disable=import-outside-toplevel
   # Under pytest-xdist each worker's base temp is <run>/popen-gwN: the
-  # workers share <run>/jax_cache (JAX writes cache entries atomically).
+  # workers share <run>/jax_cache. JAX does not write entries atomically,
+  # but an entry read while another process writes it fails to decode, and
+  # JAX then warns and compiles (jax_raise_persistent_cache_errors is off).
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent

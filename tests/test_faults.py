@@ -10,6 +10,7 @@ checkpoint is complete, so no test depends on how large a checkpoint is or
 how much space the machine has.
 """
 
+import collections
 import contextlib
 import errno
 import os
@@ -24,10 +25,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import saved_params, subprocess_env, tiny_config, tiny_train_flags
+from tests.helpers import (saved_params, subprocess_env, tiny_config,
+                           tiny_train_flags)
 from tversky_jax import checkpoint
 from tversky_jax import train_lib
 
+shutil_usage = collections.namedtuple("shutil_usage", "total used free")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENOSPC = ("RESOURCE_EXHAUSTED: Failed writing: Failed to write 9600 bytes "
            "to file 14: No space left on device [os_error_code='28']")
@@ -236,7 +239,8 @@ def test_sigkill_anywhere_resumes_from_a_committed_checkpoint(
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_full_disk_is_named_even_behind_orbax_clean_up_errors(tmp_path):
+def test_a_full_disk_is_named_even_behind_orbax_clean_up_errors(
+    tmp_path, monkeypatch):
   """orbax's clean-up after a failed async write can raise its own error
   (e.g. a missing temporary folder) in place of the ENOSPC that started it:
   the one-line error still says the disk is full."""
@@ -248,10 +252,21 @@ def test_a_full_disk_is_named_even_behind_orbax_clean_up_errors(tmp_path):
                               "data.orbax-checkpoint-tmp")
   except FileNotFoundError as error:
     behind_clean_up = error
+  # Plenty of free space, whatever this machine's disk holds: only the
+  # exception chain tells.
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda path: shutil_usage(total=1 << 40, used=0,
+                                                free=1 << 40))
   manager = checkpoint.CheckpointManager(tmp_path / "ckpt", async_save=False)
   message = str(manager._write_error(behind_clean_up))
   assert "no space left on device" in message
   assert "already on disk are intact" in message
   other = str(manager._write_error(PermissionError(errno.EACCES, "denied")))
   assert "no space" not in other and "denied" in other
+  # The same error on a disk with no space left is put down to the disk.
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda path: shutil_usage(total=1 << 40, used=1 << 40,
+                                                free=0))
+  full = str(manager._write_error(PermissionError(errno.EACCES, "denied")))
+  assert "no space left on device" in full
   manager.close()

@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 3x3x3 convolutions: "native" (cuDNN on GPU), "2d_sum" (3-4x faster on
   # CPU, same parameters) or "auto" (2d_sum on CPU, native elsewhere).
   config.model.conv_impl = "auto"
+  # nnU-Net deep supervision: extra logits heads on coarser decoder stages.
+  config.model.deep_supervision = False
 
   config.loss = ml_collections.ConfigDict()
   # tversky, dice, focal_tversky, tversky_ce (Tversky + cross-entropy: the

@@ -108,6 +108,8 @@ def _check_model(config: ml_collections.ConfigDict, require: _Require) -> None:
           f"expected one of {unet3d.INITS}")
   require(model.head_bias in ("prior", "zero"), "model.head_bias",
           "expected 'prior' or 'zero'")
+  require(isinstance(model.get("deep_supervision", False), bool),
+          "model.deep_supervision", "expected True or False")
 
 
 def _check_train(config: ml_collections.ConfigDict, require: _Require,
@@ -199,7 +201,8 @@ def check_patch_shape(patch_shape, divisors) -> None:
 # Keys whose change makes a checkpoint unloadable (parameter or optimizer
 # state structure) or its data position meaningless (grain's state layout).
 STRUCTURAL_KEYS = ("model.base_features", "model.depth", "model.strides",
-                   "model.normalization", "optimizer.name",
+                   "model.normalization", "model.deep_supervision",
+                   "optimizer.name",
                    "optimizer.grad_clip_norm", "data.worker_count")
 
 

@@ -127,11 +127,8 @@ class _Run:
         [d for d in devices if d.process_index == jax.process_index()])
     graphdef, self.state = train_state_lib.create_train_state(
         config, self.spec, self.mesh)
-    self.train_step = train_state_lib.make_train_step(
-        graphdef, train_state_lib.make_loss_fn(config), self.mesh,
-        augment=train_state_lib.augment_config(config, self.data.num_classes),
-        seed=config.seed)
-    self.logits = train_state_lib.make_logits_fn(graphdef)
+    self.train_step, self.logits = train_state_lib.jitted_steps(
+        config, self.spec, graphdef, self.data.num_classes, self.mesh)
     self.schedule = train_state_lib.make_schedule(config)
     self.manager = checkpoint_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"),

@@ -10,6 +10,8 @@ prediction.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from typing import Any, Callable
 
 import jax
@@ -17,6 +19,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from tversky_jax import deep_supervision
 from tversky_jax import losses
 from tversky_jax import parallel
 from tversky_jax.configuration import DTYPES
@@ -86,6 +89,7 @@ def build_model(config: ml_collections.ConfigDict, spec: ModelSpec,
       strides=spec.strides, normalization=config.model.normalization,
       init=config.model.get("init", "lecun"), head_bias_init=spec.head_bias,
       dtype=DTYPES[config.model.dtype], conv_impl=conv_impl,
+      deep_supervision=config.model.get("deep_supervision", False),
       rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
 
 
@@ -138,8 +142,20 @@ def make_loss_fn(config: ml_collections.ConfigDict
   Tversky terms (and kept in the cross-entropy of ``tversky_ce``).
 
   alpha weighs false positives and beta false negatives (Salehi et al.).
+  The same ``config.loss`` settings give the same function object, so that
+  :func:`jitted_steps` can reuse a step traced for them.
   """
-  cfg = config.loss
+  return _loss_fn(_frozen(config.loss))
+
+
+def _frozen(section: ml_collections.ConfigDict) -> str:
+  """A hashable, order-independent form of a config section."""
+  return json.dumps(section.to_dict(), sort_keys=True, default=repr)
+
+
+@functools.lru_cache(maxsize=32)
+def _loss_fn(frozen_loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  cfg = ml_collections.ConfigDict(json.loads(frozen_loss))
   common = dict(smooth=cfg.smooth, pool_batch=cfg.pool_batch)
   if cfg.name == "dice":
     return lambda logits, labels: losses.dice_loss(logits, labels, **common)
@@ -174,6 +190,37 @@ def create_train_state(config: ml_collections.ConfigDict,
   return graphdef, parallel.replicate(state, mesh)
 
 
+# The jitted steps of earlier runs in this process, by everything they depend
+# on (at most _MAX_CACHED settings, oldest dropped first).
+_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
+_MAX_CACHED = 8
+
+
+def jitted_steps(config: ml_collections.ConfigDict, spec: ModelSpec,
+                 graphdef: nnx.GraphDef, num_classes: int,
+                 mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+  """``(make_train_step(...), make_logits_fn(graphdef))`` for ``config``.
+
+  A second run in the same process with the same model, optimizer, loss,
+  augmentation, network shape and devices (a sweep's folds and seeds, a
+  resumed run, the tests) gets the same jitted functions back, so it skips
+  tracing and compiling them again (about 3 s of tracing even for a tiny
+  network on CPU). ``graphdef`` must be ``create_train_state(config, spec,
+  mesh)``'s: the state pytree the steps consume depends only on these keys.
+  """
+  loss_fn = make_loss_fn(config)
+  augment = augment_config(config, num_classes)
+  key = (_frozen(config.model), _frozen(config.optimizer), loss_fn, augment,
+         config.seed if augment is not None else None, spec, mesh)
+  if key not in _STEPS:
+    while len(_STEPS) >= _MAX_CACHED:
+      _STEPS.pop(next(iter(_STEPS)))
+    _STEPS[key] = (make_train_step(graphdef, loss_fn, mesh, augment=augment,
+                                   seed=config.seed),
+                   make_logits_fn(graphdef))
+  return _STEPS[key]
+
+
 # Separates the augmentation's random stream from every other use of the seed.
 _AUGMENT_STREAM = 0x61756700
 
@@ -202,8 +249,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable,
           optimizer.step[...])
       image, label = augmentation.augment(key, image, label, augment)
 
-    def loss_of(model):
-      return loss_fn(model(image), label)
+    def loss_of(model):  # with deep supervision: the weighted multi-scale loss
+      return deep_supervision.training_loss(model, image, label, loss_fn)
 
     loss, grads = nnx.value_and_grad(loss_of)(model)
     optimizer.update(model, grads)

@@ -20,8 +20,10 @@ data (``strides``, e.g. ``((2, 2, 1), (2, 2, 2), ...)``: a coarse z axis is
 not pooled until the others have caught up, as in nnU-Net; the max-pooling
 window and the transposed convolution's kernel equal the stage's strides),
 explicit features per stage (``features_per_stage``), He initialisation
-(``init="he"``), a leaky ReLU (``activation="leaky_relu"``) and a chosen
-initial bias of the last convolution (``head_bias_init``).
+(``init="he"``), a leaky ReLU (``activation="leaky_relu"``), a chosen
+initial bias of the last convolution (``head_bias_init``) and nnU-Net's deep
+supervision (``deep_supervision``: a 1x1x1 head on every coarser decoder
+stage, read by ``UNet3D.multi_scale``).
 
 Arrays are channels-last, ``[batch, x, y, z, channels]``: the spatial axes are
 in NIfTI voxel order (the order nibabel returns), with the channels (e.g. T1,
@@ -558,6 +560,17 @@ def _stage_features(features_per_stage: Sequence[int] | None,
   return features
 
 
+def _head_conv(in_features: int, num_classes: int, *, dtype: Any,
+               kernel_init: nnx.Initializer, bias_init: nnx.Initializer,
+               rngs: nnx.Rngs) -> nnx.Conv:
+  """A 1x1x1 convolution ``[b, x, y, z, in_features] -> [..., num_classes]``
+  to logits (float32 parameters)."""
+  return nnx.Conv(
+      in_features, num_classes, kernel_size=(1, 1, 1), dtype=dtype,
+      param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=bias_init,
+      rngs=rngs)
+
+
 def _head_bias_initializer(head_bias_init: Sequence[float] | None,
                            num_classes: int) -> nnx.Initializer:
   """Zeros, or the given per-class constants (checked)."""
@@ -603,7 +616,11 @@ class UNet3D(nnx.Module):
     encoder: ``depth`` contracting-path ``ConvBlock`` s, finest level first.
     bottleneck: the ``ConvBlock`` at the coarsest level.
     decoder: ``depth`` ``UpBlock`` s, coarsest level first.
-    head: the final 1x1x1 convolution.
+    head: the final 1x1x1 convolution (the finest logits).
+    aux_heads: with ``deep_supervision``, the ``depth - 1`` 1x1x1
+      convolutions of the coarser decoder stages, finest first
+      (``aux_heads[i]`` reads stage ``i + 1``); None without it, so the
+      parameter tree is then the one without deep supervision.
     depth: the number of poolings, ``len(strides)``.
     strides: ``((sx, sy, sz), ...)`` per pooling stage, finest first.
     features_per_stage: features per stage, finest first (``depth + 1``).
@@ -625,6 +642,7 @@ class UNet3D(nnx.Module):
       init: Init = "lecun",
       activation: Activation = "relu",
       head_bias_init: Sequence[float] | None = None,
+      deep_supervision: bool = False,
       rngs: nnx.Rngs,
   ):
     """Builds the network.
@@ -666,6 +684,10 @@ class UNet3D(nnx.Module):
         value per class, e.g. ``log(class_frequencies)`` so the untrained
         network predicts the class priors instead of ``1 / num_classes``.
         None: zeros.
+      deep_supervision: also build a 1x1x1 logits head on each decoder
+        stage but the finest (nnU-Net's deep supervision; same kernel and
+        bias initialisation as ``head``), for ``multi_scale``. ``__call__``
+        ignores them. False: no extra parameters.
       rngs: random streams for the parameter initialisation.
 
     Raises:
@@ -702,6 +724,7 @@ class UNet3D(nnx.Module):
     self.conv_impl = conv_impl
     self.init = init
     self.activation = activation
+    self.deep_supervision = bool(deep_supervision)
 
     kernel_init = kernel_initializer(init, activation)
     common = dict(normalization=normalization, dtype=dtype,
@@ -722,10 +745,13 @@ class UNet3D(nnx.Module):
                 **common)
         for level in reversed(range(depth))
     ])
-    self.head = nnx.Conv(
-        features[0], num_classes, kernel_size=(1, 1, 1), dtype=dtype,
-        param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=bias_init,
-        rngs=rngs)
+    head = dict(dtype=dtype, kernel_init=kernel_init, bias_init=bias_init,
+                rngs=rngs)
+    self.head = _head_conv(features[0], num_classes, **head)
+    self.aux_heads = nnx.List([
+        _head_conv(features[stage], num_classes, **head)
+        for stage in range(1, depth)
+    ]) if deep_supervision else None
 
   def check_input_shape(self, shape: Sequence[int]) -> None:
     """Raises ``ValueError`` unless ``shape`` is ``[b, x, y, z, in_channels]``
@@ -761,13 +787,45 @@ class UNet3D(nnx.Module):
         axes in NIfTI voxel order; any float dtype (cast to ``dtype``).
 
     Returns:
-      ``[batch, x, y, z, num_classes]`` float32 logits (no softmax).
+      ``[batch, x, y, z, num_classes]`` float32 logits (no softmax); the
+      auxiliary heads of ``deep_supervision`` are not evaluated.
 
     Raises:
       ValueError: if the rank or channel count is wrong or a spatial size is
         not divisible by its axis's ``required_divisors(strides)`` entry
         (checked on the static shape, so also at trace time under
         ``jax.jit``).
+    """
+    return self.head(self._decoder_stages(x)[0]).astype(jnp.float32)
+
+  def multi_scale(self, x: Array) -> list[Array]:
+    """The logits of every decoder stage, finest first (deep supervision).
+
+    Args:
+      x: as for ``__call__``.
+
+    Returns:
+      ``[logits_0, logits_1, ...]``, float32, no softmax: ``logits_0`` is
+      ``self(x)``, ``[b, x, y, z, num_classes]``; ``logits_i`` (``1 <= i <
+      depth``, from ``aux_heads[i - 1]``) is ``[b, x / fx, y / fy, z / fz,
+      num_classes]`` with ``(fx, fy, fz)`` the per-axis product of
+      ``strides[:i]``. Without ``deep_supervision`` only ``[logits_0]``.
+
+    Raises:
+      ValueError: as ``__call__``.
+    """
+    stages = self._decoder_stages(x)
+    heads = [self.head, *(self.aux_heads or ())]
+    return [head(stage).astype(jnp.float32)
+            for head, stage in zip(heads, stages)]
+
+  def _decoder_stages(self, x: Array) -> list[Array]:
+    """The output features of every decoder stage, finest first.
+
+    ``x: [b, x, y, z, in_channels]`` -> ``depth`` arrays, stage ``i`` of
+    ``[b, x / fx, y / fy, z / fz, features_per_stage[i]]`` in ``dtype``
+    (``(fx, fy, fz)`` the per-axis product of ``strides[:i]``); with
+    ``depth = 0`` the bottleneck's output alone.
     """
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
@@ -776,7 +834,7 @@ class UNet3D(nnx.Module):
       x = block(x)
       skips.append(x)
       x = _max_pool(x, stride)
-    x = self.bottleneck(x)
+    stages = [self.bottleneck(x)]
     for block, skip in zip(self.decoder, reversed(skips)):
-      x = block(x, skip)
-    return self.head(x).astype(jnp.float32)
+      stages.insert(0, block(stages[0], skip))
+    return stages[:max(self.depth, 1)]  # the bottleneck is no decoder stage

@@ -6,6 +6,7 @@ unnormalised network does not collapse on a tiny case.
 
 import json
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -95,7 +96,8 @@ def test_a_collapsed_run_stops_with_what_to_change(tiny_dataset, tmp_path,
   with pytest.raises(train_lib.TrainingStuck,
                      match="training is stuck at step 3.*"
                            "model.normalization=instance"):
-    train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+    train_lib.train_and_evaluate(config, str(tmp_path),
+                                 devices=jax.devices()[:1], progress=False)
 
 
 def test_paper_network_without_normalisation_learns_on_a_tiny_case(
@@ -114,6 +116,7 @@ def test_paper_network_without_normalisation_learns_on_a_tiny_case(
         "train.stuck_patience": 0})
     workdir = tmp_path / f"seed{seed}"
     summary = train_lib.train_and_evaluate(config, str(workdir),
+                                           devices=jax.devices()[:1],
                                            progress=False)
     records = [json.loads(line) for line in
                (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -196,8 +196,9 @@ def _kill_when(process, moment, workdir, rng, deadline):
 
 def test_sigkill_anywhere_resumes_from_a_committed_checkpoint(
     tiny_dataset, straight_run, tmp_path):
-  """Kills a training process several times; the final parameters still equal
-  an uninterrupted run's, bit for bit."""
+  """Kills a training process during a save, then its rerun just after a
+  step; the final parameters still equal an uninterrupted run's, bit for
+  bit."""
   workdir = tmp_path / "run"
   flags = tiny_train_flags(tiny_dataset, workdir,
                            **{"train.checkpoint_every": 1})
@@ -205,7 +206,7 @@ def test_sigkill_anywhere_resumes_from_a_committed_checkpoint(
   # compilation of the train step.
   env = subprocess_env(4)
   rng = random.Random(0)
-  moments = ["save", "step", "save"]
+  moments = ["save", "step"]  # during an async save; just after a step
   kills, resumes, committed = 0, 0, set()
   for attempt in range(len(moments) + 1):
     log_path = tmp_path / f"attempt{attempt}.log"

@@ -7,8 +7,9 @@ machine slows both alike. Sections:
 
 * ``conv``: 3x3x3 'SAME' convolution, ``lax.conv_general_dilated`` in 3D
   ("native") against ``unet3d.conv3d_as_2d_sum`` (three x-shifted 2D
-  convolutions over (y, z), batch and x folded together). GFLOP/s counts
-  3 x the forward's 2*N*27*Cin*Cout multiply-adds.
+  convolutions over (y, z), batch and x folded together) and
+  ``unet3d.conv3d_onednn`` (oneDNN through XLA's FFI; bfloat16 goes to
+  "2d_sum"). GFLOP/s counts 3 x the forward's 2*N*27*Cin*Cout multiply-adds.
 * ``upconv``: transposed convolution with kernel = stride (2x2x2, and an
   anisotropic 2x2x1), ``lax.conv_transpose`` against
   ``unet3d.conv_transpose_strided`` (an einsum; what ``unet3d.UpConv``
@@ -49,6 +50,10 @@ def native_conv(x: jax.Array, k: jax.Array) -> jax.Array:
 
 def sum2d_conv(x: jax.Array, k: jax.Array) -> jax.Array:
   return unet3d.conv3d_as_2d_sum(x, k, (1, 1, 1), "SAME", dimension_numbers=DN)
+
+
+def onednn_conv(x: jax.Array, k: jax.Array) -> jax.Array:
+  return unet3d.conv3d_onednn(x, k, (1, 1, 1), "SAME", dimension_numbers=DN)
 
 
 def transpose_upconv(x: jax.Array, k: jax.Array) -> jax.Array:
@@ -126,8 +131,8 @@ def bench_conv(repeats: int) -> None:
          / np.sqrt(27 * shape[-1])).astype(dtype)
     flops = 3 * 2 * np.prod(shape[:-1]) * 27 * shape[-1] * cout
     title = f"{list(shape)}->{cout} {jnp.dtype(dtype).name}"
-    _compare(title, {"native": native_conv, "2d_sum": sum2d_conv}, (x, k),
-             flops, repeats)
+    _compare(title, {"native": native_conv, "2d_sum": sum2d_conv,
+                     "onednn": onednn_conv}, (x, k), flops, repeats)
 
 
 def bench_upconv(repeats: int) -> None:

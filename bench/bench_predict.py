@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_predict.py [--config configs/demo.py]
            [--base-features N] [--depth D] [--window X Y Z] [--overlap F]
-           [--batch-size B] [--conv-impl {auto,native,2d_sum}]
+           [--batch-size B] [--conv-impl {auto,native,2d_sum,onednn}]
            [--dtype {float32,bfloat16}] [--shape 128 224 256]
            [--mirror {off,on,both}] [--repeats 1]
 
@@ -60,7 +60,7 @@ def main():
   parser.add_argument("--window", type=int, nargs=3)
   parser.add_argument("--overlap", type=float)
   parser.add_argument("--batch-size", type=int)
-  parser.add_argument("--conv-impl", choices=("auto", "native", "2d_sum"))
+  parser.add_argument("--conv-impl", choices=("auto", "native", "2d_sum", "onednn"))
   parser.add_argument("--dtype", choices=("float32", "bfloat16"))
   parser.add_argument("--shape", type=int, nargs=3, default=[128, 224, 256])
   parser.add_argument("--mirror", choices=("off", "on", "both"),

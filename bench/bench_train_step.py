@@ -73,7 +73,7 @@ def main():
                       help="global batch (default: the device count)")
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--conv-impl", default="auto",
-                      choices=["auto", "native", "2d_sum"])
+                      choices=["auto", "native", "2d_sum", "onednn"])
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   batch = args.batch or jax.device_count()

@@ -244,7 +244,8 @@ def check_twin(ours: Ours, theirs: Theirs) -> str:
   tolerance = 1e-3 if ours.config.model.dtype == "float32" else 5e-2
   if not diff < tolerance:
     raise SystemExit(f"twin logits differ from ours: max rel. diff {diff:.2e}")
-  return f"{n_ours:,} parameters each; logits max |diff| / max |logit| = {diff:.1e}"
+  return (f"{n_ours:,} parameters each; logits max |diff| / max |logit| = "
+          f"{diff:.1e}; our convolutions: {ours.model.conv_impl}")
 
 
 def make_works(model: str, works, dtype: str = "float32") -> tuple[dict, str]:

@@ -68,4 +68,7 @@ def compilation_cache(tmp_path_factory):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # The oneDNN convolution library (models/onednn_conv.py): built once per
+  # test session, shared the same way, never in the user's ~/.cache.
+  os.environ["TVERSKY_JAX_CACHE"] = str(base / "tversky_jax_cache")
   return path

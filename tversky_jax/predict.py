@@ -388,7 +388,7 @@ def abstract_model_state(config: ml_collections.ConfigDict,
   captured = {}
 
   def init():
-    model = train_state.build_model(config, spec, config.seed)
+    model = train_state.build_model(config, spec, config.seed, mesh.size)
     captured["graphdef"], state = nnx.split((model, None))
     return state
 

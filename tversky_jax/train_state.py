@@ -69,16 +69,19 @@ class ModelSpec:
 
 
 def build_model(config: ml_collections.ConfigDict, spec: ModelSpec,
-                seed: int) -> unet3d.UNet3D:
+                seed: int, num_devices: int | None = None) -> unet3d.UNet3D:
   """The U-Net of ``config.model`` with the shape of ``spec``.
 
-  ``model.conv_impl="auto"`` picks the three-2D-convolution form of the 3x3x3
-  convolutions on CPU (3-4x faster there, see bench/bench_conv3d.py) and the
-  native 3D convolution (cuDNN) on GPU and TPU; the parameters are the same.
+  ``model.conv_impl="auto"`` picks oneDNN's 3x3x3 convolutions on a
+  single-device CPU (3-4x faster there than the three-2D-convolution form,
+  which it picks on a CPU without oneDNN or with several devices; see
+  bench/bench_conv3d.py) and the native 3D convolution (cuDNN) on GPU and
+  TPU: ``unet3d.default_conv_impl``, for a mesh of ``num_devices``
+  (default: all devices). The parameters are the same.
   """
   conv_impl = config.model.conv_impl
   if conv_impl == "auto":
-    conv_impl = "2d_sum" if jax.default_backend() == "cpu" else "native"
+    conv_impl = unet3d.default_conv_impl(num_devices)
   # The "rbg" generator initialises in seconds where the default threefry
   # compiles a kernel per parameter shape (~30 s for the paper's network on
   # CPU); only the initial values depend on it.
@@ -184,7 +187,7 @@ def create_train_state(config: ml_collections.ConfigDict,
   the jitted step consumes and returns.
   """
   spec = ModelSpec(spec) if isinstance(spec, int) else spec
-  model = build_model(config, spec, config.seed)
+  model = build_model(config, spec, config.seed, mesh.size)
   optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   return graphdef, parallel.replicate(state, mesh)

@@ -37,9 +37,10 @@ Timing: every work of both sides is warmed up (compiled) first, then the
 repetitions are interleaved (ours, theirs, ours, theirs, ...) so that a
 change of machine load hits both; the table gives medians and the ratio
 ours / theirs (below 1: we are faster). `--memory` runs each work of each
-side again in a fresh process and reports its peak resident memory minus
-the process's resident memory just before the work's first call (on a GPU:
-the device's peak allocation minus what was allocated before).
+side again in a fresh process: on CPU once to warm up (compilation is not
+counted), then the peak resident memory of a second call minus the resident
+memory just before it; on a GPU the device's peak allocation minus what
+was allocated before the first call.
 """
 
 from __future__ import annotations
@@ -105,7 +106,19 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+  """Peak resident memory since the last ``reset_peak_rss`` (VmHWM)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+  """Forgets the peak resident memory of the set-up (building both models,
+  checking the twin) so that only the work's own peak counts (Linux)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 
 
 def random_batch(batch: int, shape, seed: int = 0):
@@ -280,9 +293,15 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
 
 def memory_of(model: str, work: str, side: str, dtype: str) -> float:
   """Peak memory growth (MB) of one work on one side, in a fresh process."""
+  # glibc keeps freed memory mapped (its mmap threshold grows with use), so
+  # a second call could reuse the first call's pages unseen; a fixed
+  # threshold returns every large buffer to the system when it is freed,
+  # and the resident memory then follows what both sides hold.
+  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
   out = subprocess.run(
       [sys.executable, __file__, "--model", model, "--dtype", dtype,
-       "--one", f"{work}:{side}"], capture_output=True, text=True, check=True)
+       "--one", f"{work}:{side}"], capture_output=True, text=True, check=True,
+      env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -298,6 +317,14 @@ def device_mb(side: str, peak: bool) -> float:
 
 
 def run_one(model: str, spec: str, dtype: str) -> None:
+  """Prints the peak memory growth of one work on one side as JSON.
+
+  CPU: the work runs once first (compilation, first-call allocations), then
+  the peak resident memory is reset and the growth during a second call over
+  the memory held before it is reported. GPU: the device's peak allocation
+  over two calls minus what was allocated before them (JAX's peak cannot be
+  reset).
+  """
   work, side = spec.split(":")
   fns, _ = make_works(model, [work], dtype)
   fn = fns[work, side]
@@ -305,9 +332,11 @@ def run_one(model: str, spec: str, dtype: str) -> None:
     if side == "torch":
       torch.cuda.reset_peak_memory_stats()
     base = device_mb(side, peak=False)
+    fn()
   else:
+    fn()
+    reset_peak_rss()
     base = rss_mb()
-  fn()
   fn()
   peak = device_mb(side, peak=True) if ON_GPU else peak_rss_mb()
   print(json.dumps({"peak_mb": peak - base}))

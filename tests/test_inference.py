@@ -264,6 +264,8 @@ def test_windows_are_spread_over_devices():
     (5, 4, 8),
     (3, 1, 3),
     (1, 2, 2),
+    (7, 1, 6),  # 30 windows: 5 calls either way, of 6 (none padded), not 7
+    (8, 4, 8),
 ])
 @pytest.mark.parametrize("mirror", [False, True])
 def test_logits_fn_compiles_once_with_constant_batch(batch_size, devices,
@@ -294,6 +296,20 @@ def test_logits_fn_compiles_once_with_constant_batch(batch_size, devices,
   assert len(calls) == -(-n_windows // expected_n) * (8 if mirror else 1)
   np.testing.assert_allclose(out, _reference(pointwise_fn, image), rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("windows, batch, devices, expected", [
+    (9, 4, 1, 3), (8, 4, 1, 4), (1, 4, 1, 1), (5, 4, 1, 3), (13, 4, 2, 4),
+    (30, 7, 1, 6), (3, 3, 4, 4), (9, 8, 4, 8), (17, 8, 4, 8), (16, 12, 4, 8), (100, 4, 1, 4)])
+def test_balanced_batch_needs_no_more_calls_and_pads_least(windows, batch, devices,
+                                                           expected):
+  n = inference._balanced_batch(windows, batch, devices)
+  assert n == expected
+  per_call = -(-batch // devices) * devices
+  assert n % devices == 0 and n <= per_call
+  assert -(-windows // n) == -(-windows // per_call)  # as few calls
+  # No smaller multiple of the device count needs as few calls.
+  assert n == devices or -(-windows // (n - devices)) > -(-windows // per_call)
 
 
 def test_progress_bar(capsys):

@@ -25,9 +25,12 @@ Conventions:
   more device memory than a few windows.
 * **Devices.** Each batch is padded to a multiple of ``len(devices)`` and
   sharded along its first axis with a ``NamedSharding`` over a 1-D mesh axis
-  ``"data"``, so the windows of a batch are spread over all devices. Every
-  call of ``logits_fn`` sees the same batch shape and sharding, so it compiles
-  once.
+  ``"data"``, so the windows of a batch are spread over all devices. For one
+  volume every call of ``logits_fn`` sees the same batch shape and sharding;
+  the batch is the smallest that needs as many calls as ``batch_size``
+  would (9 windows with ``batch_size=4``: three calls of 3, not of 4 with
+  3 padding windows computed for nothing), so volumes with different window
+  counts compile at most ``batch_size`` shapes in all.
 """
 
 from __future__ import annotations
@@ -218,9 +221,10 @@ def sliding_window_inference(
 
   Args:
     logits_fn: maps a device array ``[n, wx, wy, wz, channels]`` (float32)
-      to logits ``[n, wx, wy, wz, classes]``; jitted by the caller. It is
-      always called with the same ``n`` (``batch_size`` rounded up to a
-      multiple of ``len(devices)``) and the same sharding.
+      to logits ``[n, wx, wy, wz, classes]``; jitted by the caller. For one
+      volume it is always called with the same ``n`` and sharding: at most
+      ``batch_size`` rounded up to a multiple of ``len(devices)``, and as
+      small as the same number of calls allows (``_balanced_batch``).
     image: host array ``[x, y, z, channels]``, channels last, NIfTI axis
       order, already normalised. Sent to the device as float32.
     window: window size ``(wx, wy, wz)``. An axis of the image shorter than
@@ -267,7 +271,7 @@ def sliding_window_inference(
 
   image, crop = _pad_to_window(image.astype(np.float32, copy=False), window)
   starts = window_starts(image.shape[:3], window, overlap)
-  n_batch = math.ceil(batch_size / len(devices)) * len(devices)
+  n_batch = _balanced_batch(len(starts), batch_size, len(devices))
   mesh, enter_mesh = _data_mesh(devices)
   importance = gaussian_importance_map(window)
   with (jax.set_mesh(mesh) if enter_mesh else contextlib.nullcontext(),
@@ -279,6 +283,16 @@ def sliding_window_inference(
   weight_sum = _weight_sum(image.shape[:3], starts, window, importance)
   prob_sum /= weight_sum[..., None]
   return prob_sum if crop is None else np.ascontiguousarray(prob_sum[crop])
+
+
+def _balanced_batch(num_windows: int, batch_size: int, num_devices: int
+                    ) -> int:
+  """Windows per call: the fewest calls ``batch_size`` allows (rounded up
+  to a multiple of the device count), with as little padding as they allow,
+  e.g. 9 windows, batch 4, 1 device: 3 (three calls of 3, none padded)."""
+  per_call = math.ceil(batch_size / num_devices) * num_devices
+  calls = math.ceil(num_windows / per_call)
+  return math.ceil(math.ceil(num_windows / calls) / num_devices) * num_devices
 
 
 def _window_box(start: Sequence[int], window: Sequence[int]

@@ -1,6 +1,6 @@
 """oneDNN's 3D convolutions (tversky_jax.models.onednn_conv) against lax and NumPy."""
 
-import logging
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -144,19 +144,20 @@ def test_unet_with_onednn_equals_native():
     assert float(jnp.max(jnp.abs(got - ref))) <= 1e-4 * float(jnp.max(jnp.abs(ref))) + 1e-7
 
 
-def test_auto_picks_onednn_on_one_cpu_device_else_2d_sum(monkeypatch, caplog):
+def test_auto_picks_onednn_on_one_cpu_device_else_2d_sum(monkeypatch):
   # Over several devices a oneDNN call is not partitioned: 2d_sum there.
   assert jax.device_count() == 4 and unet3d.default_conv_impl() == "2d_sum"
   assert unet3d.default_conv_impl(num_devices=2) == "2d_sum"
   assert unet3d.default_conv_impl(num_devices=1) == "onednn"
   monkeypatch.setattr(onednn_conv, "_load", lambda: "no C++ compiler (test)")
   unet3d._warn_once.cache_clear()
-  with caplog.at_level(logging.WARNING):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
     assert unet3d.default_conv_impl(num_devices=1) == "2d_sum"
     assert unet3d.default_conv_impl(num_devices=1) == "2d_sum"
-  warnings = [r.getMessage() for r in caplog.records if "2d_sum" in r.getMessage()]
-  assert warnings == ["conv_impl='auto' uses the slower '2d_sum' convolution: "
-                      "no C++ compiler (test)"]
+  assert [str(w.message) for w in caught] == [
+      "conv_impl='auto' uses the slower '2d_sum' convolution: no C++ compiler (test)"]
+  assert caught[0].category is RuntimeWarning
 
 
 def test_trainer_on_one_device_builds_the_onednn_model(tiny_dataset):

@@ -45,8 +45,8 @@ Example::
 from __future__ import annotations
 
 import functools
-import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -429,7 +429,9 @@ def default_conv_impl(num_devices: int | None = None) -> str:
 
 @functools.cache
 def _warn_once(message: str) -> None:
-  logging.warning(message)
+  # A warning, not a log record: train.py silences absl/std logging below
+  # ERROR, and a user should see why training is slower than it could be.
+  warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 def _max_pool(x: Array, window: Sequence[int]) -> Array:
   """Max-pooling with window = stride ``(wx, wy, wz)``, as a reshape + max.

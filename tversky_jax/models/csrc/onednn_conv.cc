@@ -15,6 +15,7 @@
 // scratchpad (scratchpad_mode::user).
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -148,7 +149,7 @@ ffi::Error Run(Kind kind, Geometry g, void* x, void* k, void* out) {
   }
   try {
     Execute(kind, g, x, k, out);
-  } catch (const dnnl::error& error) {
+  } catch (const std::exception& error) {  // dnnl::error, std::bad_alloc
     return ffi::Error::Internal(std::string("oneDNN conv3d: ") + error.what());
   }
   return ffi::Error::Success();

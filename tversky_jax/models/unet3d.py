@@ -224,9 +224,15 @@ def _constant_init(values: Sequence[float]) -> nnx.Initializer:
   return init
 
 
-def _activate(x: Array, activation: str) -> Array:
+def _activate(x: Array, activation: str, from_output: bool = False) -> Array:
+  """The activation; ``from_output``: its gradient from its output
+  (``_rectify``, less memory, reverse mode only), else Flax's functions."""
   slope = LEAKY_RELU_SLOPE if activation == "leaky_relu" else 0.0
-  return _rectify(x, slope)
+  if from_output:
+    return _rectify(x, slope)
+  if activation == "leaky_relu":
+    return nnx.leaky_relu(x, negative_slope=slope)
+  return nnx.relu(x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -585,6 +591,9 @@ class ConvBlock(nnx.Module):
     use_bias = normalization == "none"
     kernel_init = kernel_init or nnx.initializers.lecun_normal()
     self.activation = activation
+    # The oneDNN path is reverse-mode only already (a custom VJP), so its
+    # activations may be too, and keep one tensor per layer, not two.
+    self.grad_from_output = conv_impl == "onednn"
 
     def conv(fin: int) -> nnx.Conv:
       return nnx.Conv(
@@ -601,11 +610,11 @@ class ConvBlock(nnx.Module):
     x = self._first_conv(x) if isinstance(x, tuple) else self.conv1(x)
     if self.norm1 is not None:
       x = self.norm1(x)
-    x = _activate(x, self.activation)
+    x = _activate(x, self.activation, self.grad_from_output)
     x = self.conv2(x)
     if self.norm2 is not None:
       x = self.norm2(x)
-    return _activate(x, self.activation)
+    return _activate(x, self.activation, self.grad_from_output)
 
 
   def _first_conv(self, parts: tuple[Array, ...]) -> Array:

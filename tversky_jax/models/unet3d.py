@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -299,64 +299,35 @@ def _pads(lhs: Array, rhs: Array, padding: str | Sequence[tuple[int, int]]
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def conv3d_onednn(
-    lhs: Array,
-    rhs: Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    **kwargs: Any,
-) -> Array:
-  """A 3D convolution computed by oneDNN (``onednn_conv.conv3d``) on CPU.
+def _drop_in(plain_conv: Callable[..., Array]) -> Callable[..., Array]:
+  """``plain_conv(lhs, rhs, pads, precision, preferred_element_type)``, a
+  stride-1 channels-last 3D convolution with explicit ``(lo, hi)`` padding
+  per spatial axis, as a drop-in replacement for
+  ``jax.lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls it
+  with): every other convolution (``_is_plain_3d``) goes to lax."""
 
-  Drop-in replacement for ``jax.lax.conv_general_dilated``, like
-  ``conv3d_as_2d_sum``: ``lhs: [batch, x, y, z, in]``, ``rhs: [kx, ky, kz,
-  in, out]``, same parameters, same result up to float rounding. On this
-  project's CPU forward+backward of a 16-feature 3x3x3 convolution is 3-4x
-  faster than ``conv3d_as_2d_sum`` and as fast as PyTorch
-  (``bench/bench_conv3d.py``), with no extra temporary memory.
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+           batch_group_count=1, precision=None, preferred_element_type=None,
+           **kwargs):
+    if not _is_plain_3d(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
+                        dimension_numbers, feature_group_count,
+                        batch_group_count, kwargs):
+      return lax.conv_general_dilated(
+          lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, batch_group_count,
+          precision, preferred_element_type, **kwargs)
+    return plain_conv(lhs, rhs, _pads(lhs, rhs, padding), precision,
+                      preferred_element_type)
 
-  Float32 only: bfloat16 convolutions, and every convolution where the
-  library is not ``onednn_conv.available()``, go to ``conv3d_as_2d_sum``;
-  strided, dilated, grouped, sharded or non-channels-last ones to
-  ``lax.conv_general_dilated``.
-  """
-  is_plain = _is_plain_3d(lhs, rhs, window_strides, lhs_dilation,
-                          rhs_dilation, dimension_numbers,
-                          feature_group_count, batch_group_count, kwargs)
-  use_onednn = (
-      is_plain and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-      and preferred_element_type in (None, jnp.float32)
-      and onednn_conv.available())
-  if not use_onednn:
-    conv = conv3d_as_2d_sum if is_plain else lax.conv_general_dilated
-    return conv(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-        dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type, **kwargs)
-  return onednn_conv.conv3d(lhs, rhs, _pads(lhs, rhs, padding))
+  conv.__name__ = conv.__qualname__ = plain_conv.__name__.lstrip("_")
+  conv.__doc__ = plain_conv.__doc__
+  return conv
 
 
-def conv3d_as_2d_sum(
-    lhs: Array,
-    rhs: Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    **kwargs: Any,
-) -> Array:
+def _conv3d_as_2d_sum(lhs: Array, rhs: Array,
+                      pads: tuple[tuple[int, int], ...], precision: Any,
+                      preferred_element_type: Any) -> Array:
   """A 3D convolution computed as a sum of 2D convolutions.
 
   Drop-in replacement for ``jax.lax.conv_general_dilated`` (the signature
@@ -381,17 +352,8 @@ def conv3d_as_2d_sum(
   Strided, dilated, grouped, sharded or non-channels-last convolutions fall
   back to ``lax.conv_general_dilated``.
   """
-  if not _is_plain_3d(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
-                      dimension_numbers, feature_group_count,
-                      batch_group_count, kwargs):
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-        dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type, **kwargs)
-
   b, _, y, z, c = lhs.shape
   kx = rhs.shape[0]
-  pads = _pads(lhs, rhs, padding)
   lhs = jnp.pad(lhs, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)))
   out_x = lhs.shape[1] - kx + 1
   out = None
@@ -403,6 +365,33 @@ def conv3d_as_2d_sum(
         precision=precision, preferred_element_type=preferred_element_type)
     out = term if out is None else out + term
   return out.reshape(b, out_x, *out.shape[1:])
+
+
+def _conv3d_onednn(lhs: Array, rhs: Array, pads: tuple[tuple[int, int], ...],
+                   precision: Any, preferred_element_type: Any) -> Array:
+  """A 3D convolution computed by oneDNN (``onednn_conv.conv3d``) on CPU.
+
+  Drop-in replacement for ``jax.lax.conv_general_dilated``, like
+  ``conv3d_as_2d_sum``: ``lhs: [batch, x, y, z, in]``, ``rhs: [kx, ky, kz,
+  in, out]``, same parameters, same result up to float rounding. On this
+  project's CPU forward+backward of a 16-feature 3x3x3 convolution is 3-4x
+  faster than ``conv3d_as_2d_sum`` and as fast as PyTorch
+  (``bench/bench_conv3d.py``), with no extra temporary memory.
+
+  Float32 only: bfloat16 convolutions, and every convolution where the
+  library is not ``onednn_conv.available()``, go to ``conv3d_as_2d_sum``;
+  strided, dilated, grouped, sharded or non-channels-last ones to
+  ``lax.conv_general_dilated``.
+  """
+  if (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+      and preferred_element_type in (None, jnp.float32)
+      and onednn_conv.available()):
+    return onednn_conv.conv3d(lhs, rhs, pads)
+  return _conv3d_as_2d_sum(lhs, rhs, pads, precision, preferred_element_type)
+
+
+conv3d_as_2d_sum = _drop_in(_conv3d_as_2d_sum)
+conv3d_onednn = _drop_in(_conv3d_onednn)
 
 
 # What each ``conv_impl`` calls in place of ``lax.conv_general_dilated``.

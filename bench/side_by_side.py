@@ -41,7 +41,10 @@ side again in a fresh process: on CPU once to warm up (compilation is not
 counted), then the peak resident memory of a second call minus the resident
 memory just before it (for our train steps: the compiled step's temporary
 buffer, see ``run_one``); on a GPU the device's peak allocation minus what
-was allocated before the first call.
+was allocated before the first call. For train steps on CPU the table adds
+what each side holds between steps (``*_held``: parameters and Adam's
+moments, and PyTorch's ``.grad``, which its growth leaves out while ours are
+in the step's buffer): held + growth is the peak of training.
 """
 
 from __future__ import annotations
@@ -158,7 +161,11 @@ class Ours:
       compiled = step.lower(holder["state"], arrays).compile()
       return compiled.memory_analysis().temp_size_in_bytes
 
+    def held_bytes():  # parameters and Adam's moments (gradients: temp)
+      return sum(x.nbytes for x in jax.tree.leaves(holder["state"]))
+
     run.temp_bytes = temp_bytes
+    run.held_bytes = held_bytes
     return run
 
   def infer_fn(self, work: str):
@@ -206,6 +213,15 @@ class Theirs:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
       optimizer.step()
       sync()
+
+    def held_bytes():  # parameters, their .grad and Adam's moments
+      tensors = list(self.model.parameters())
+      tensors += [p.grad for p in tensors if p.grad is not None]
+      tensors += [v for state in optimizer.state.values()
+                  for v in state.values() if torch.is_tensor(v)]
+      return sum(t.numel() * t.element_size() for t in tensors)
+
+    run.held_bytes = held_bytes
     return run
 
   def infer_fn(self, work: str):
@@ -299,8 +315,9 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
   return times
 
 
-def memory_of(model: str, work: str, side: str, dtype: str) -> float:
-  """Peak memory growth (MB) of one work on one side, in a fresh process."""
+def memory_of(model: str, work: str, side: str, dtype: str) -> dict:
+  """``{"peak_mb": growth[, "held_mb": training state]}`` (MB) of one work
+  on one side, in a fresh process (see ``run_one``)."""
   # glibc keeps freed memory mapped (its mmap threshold grows with use), so
   # a second call could reuse the first call's pages unseen; a fixed
   # threshold returns every large buffer to the system when it is freed,
@@ -310,7 +327,7 @@ def memory_of(model: str, work: str, side: str, dtype: str) -> float:
       [sys.executable, __file__, "--model", model, "--dtype", dtype,
        "--one", f"{work}:{side}"], capture_output=True, text=True, check=True,
       env=env)
-  return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def device_mb(side: str, peak: bool) -> float:
@@ -336,13 +353,24 @@ def run_one(model: str, spec: str, dtype: str) -> None:
   beyond its inputs and donated outputs). GPU: the device's peak allocation
   over two calls minus what was allocated before them (JAX's peak cannot be
   reset).
+
+  For train steps on CPU also ``held_mb``, the training state each side
+  holds between steps, which the growth leaves out: parameters and Adam's
+  moments, and for PyTorch the parameters' ``.grad`` too (``zero_grad``
+  frees them and the step allocates them again, so they are in the
+  resident memory before and after it; ours are in the step's temporary
+  buffer). ``held_mb + peak_mb`` compares the peaks of training.
   """
   work, side = spec.split(":")
   fns, _ = make_works(model, [work], dtype)
   fn = fns[work, side]
-  if not ON_GPU and side == "ours" and work in STEP_SHAPES:
-    print(json.dumps({"peak_mb": fn.temp_bytes() / 2**20}))
-    return
+  held = {}
+  if not ON_GPU and work in STEP_SHAPES:
+    fn()
+    held = {"held_mb": fn.held_bytes() / 2**20}
+    if side == "ours":
+      print(json.dumps({"peak_mb": fn.temp_bytes() / 2**20, **held}))
+      return
   if ON_GPU:
     if side == "torch":
       torch.cuda.reset_peak_memory_stats()
@@ -354,7 +382,7 @@ def run_one(model: str, spec: str, dtype: str) -> None:
     base = rss_mb()
   fn()
   peak = device_mb(side, peak=True) if ON_GPU else peak_rss_mb()
-  print(json.dumps({"peak_mb": peak - base}))
+  print(json.dumps({"peak_mb": peak - base, **held}))
 
 
 def header() -> str:
@@ -384,13 +412,17 @@ def main() -> None:
   print(f"median of {args.repeats} interleaved repetitions, load after "
         f"{os.getloadavg()[0]:.2f}")
   print(f"{'work':8s} {'ours_ms':>9s} {'torch_ms':>9s} {'ratio':>6s}"
-        + (f" {'ours_MB':>8s} {'torch_MB':>8s}" if args.memory else ""))
+        + (f" {'ours_MB':>8s} {'torch_MB':>8s} {'ours_held':>9s}"
+           f" {'torch_held':>10s}" if args.memory else ""))
   for work in args.work:
     a, b = (float(np.median(times[work, s])) * 1e3 for s in ("ours", "torch"))
     line = f"{work:8s} {a:9.1f} {b:9.1f} {a / b:6.2f}"
     if args.memory:
-      line += "".join(f" {memory_of(args.model, work, side, args.dtype):8.0f}"
-                      for side in ("ours", "torch"))
+      mem = [memory_of(args.model, work, side, args.dtype)
+             for side in ("ours", "torch")]
+      line += "".join(f" {m['peak_mb']:8.0f}" for m in mem)
+      line += "".join(f" {m['held_mb']:{w}.0f}" if "held_mb" in m
+                      else f" {'-':>{w}s}" for m, w in zip(mem, (9, 10)))
     print(line, flush=True)
 
 

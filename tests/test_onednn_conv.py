@@ -82,6 +82,66 @@ def test_forward_and_gradients_equal_lax(x_shape, k_shape, padding):
     assert _max_rel(grad, ref) < 1e-5
 
 
+@pytest.mark.parametrize("x_shape, k_shape, strides", [
+    ((2, 3, 4, 2, 5), (2, 2, 2, 5, 3), (2, 2, 2)),  # the U-Net's upsampling
+    ((1, 3, 2, 4, 4), (2, 2, 1, 4, 2), (2, 2, 1)),  # anisotropic
+    ((1, 3, 3, 2, 2), (3, 3, 2, 2, 3), (2, 2, 1)),  # overlapping windows
+])
+def test_transposed_convolution_and_gradients_equal_lax(x_shape, k_shape, strides):
+  x, k = _arrays(x_shape, k_shape)
+
+  def onednn(x, k, strides):
+    return onednn_conv.conv_transpose3d(x, k, strides)
+
+  def native(x, k, strides):  # lax does not flip the kernel
+    return lax.conv_transpose(x, k[::-1, ::-1, ::-1], strides, "VALID",
+                              dimension_numbers=DN)
+
+  out = jax.jit(onednn, static_argnums=2)(x, k, strides)
+  assert out.shape == native(x, k, strides).shape == (
+      x_shape[0], *((n - 1) * s + w for n, s, w in zip(x_shape[1:4], strides, k_shape)),
+      k_shape[-1])
+  assert _max_rel(out, native(x, k, strides)) < 1e-5
+  (value, grads) = _loss_and_grads(onednn, x, k, strides)
+  (ref_value, ref_grads) = _loss_and_grads(native, x, k, strides)
+  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value)) + 1e-5
+  for grad, ref in zip(grads, ref_grads):
+    assert grad.shape == ref.shape
+    assert _max_rel(grad, ref) < 1e-5
+
+
+def test_upconv_with_onednn_equals_the_einsum():
+  x, _ = _arrays((2, 3, 4, 2, 4), (1, 1, 1, 1, 1))
+
+  def up(onednn):  # the same parameters for the same seed
+    return unet3d.UpConv(4, 3, strides=(2, 1, 2), onednn=onednn, rngs=nnx.Rngs(0))
+
+  def loss_and_grad(module):
+    return nnx.jit(nnx.value_and_grad(lambda m, x: jnp.sum(m(x) ** 3)))(module, x)
+
+  assert "TjConv3dForward" in str(jax.make_jaxpr(up(True))(x))
+  (value, grads), (ref_value, ref_grads) = loss_and_grad(up(True)), loss_and_grad(up(False))
+  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value))
+  for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert _max_rel(got, ref) < 1e-5
+
+
+def test_pooling_gradient_goes_to_each_maximum():
+  x = jax.random.normal(jax.random.key(1), (2, 4, 6, 2, 3))
+  x = x.at[0, :2, :2, :, 0].set(0.5)  # windows whose maxima are all tied
+  tied = np.zeros(x.shape, bool)
+  tied[0, :2, :2, :, 0] = True
+  for window in [(2, 2, 2), (2, 1, 2)]:
+    out, vjp = jax.vjp(lambda x: unet3d._max_pool_to_maxima(x, window), x)
+    ref_out, ref_vjp = jax.vjp(lambda x: unet3d._max_pool(x, window), x)
+    np.testing.assert_array_equal(out, ref_out)
+    g = jax.random.normal(jax.random.key(2), out.shape)
+    (d_x,), (ref_d_x,) = vjp(g), ref_vjp(g)
+    np.testing.assert_allclose(d_x[~tied], ref_d_x[~tied], rtol=1e-6)
+    # a tied maximum gets the window's whole gradient, not its share
+    np.testing.assert_allclose(d_x[tied], ref_d_x[tied] * np.prod(window), rtol=1e-6)
+
+
 def _has_onednn_call(fn, *args):
   return "TjConv3dForward" in str(jax.make_jaxpr(fn)(*args))
 

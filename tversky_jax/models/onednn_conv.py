@@ -6,8 +6,10 @@ faster per training step (docs/benchmarks.md). This module brings the same
 library to JAX: ``conv3d`` is a stride-1, zero-padded, channels-last float32
 3D convolution whose forward pass and both gradients (of the input and of
 the kernel) are oneDNN primitives, run as XLA FFI custom calls
-(``csrc/onednn_conv.cc``). Results equal ``lax.conv_general_dilated``'s up
-to float rounding (checked by tests/test_onednn_conv.py).
+(``csrc/onednn_conv.cc``); ``conv_transpose3d`` is the same for a strided
+transposed convolution (the U-Net's upsampling). Results equal
+``lax.conv_general_dilated``'s and ``lax.conv_transpose``'s up to float
+rounding (checked by tests/test_onednn_conv.py).
 
 The build. On first use the C++ source is compiled with the system C++
 compiler (``$CXX``, else ``c++``) against jaxlib's FFI headers and the oneDNN
@@ -118,21 +120,26 @@ def _load() -> str:
 
 
 def available() -> bool:
-  """Whether ``conv3d`` can run here (builds the library on the first call)."""
+  """Whether ``conv3d`` and ``conv_transpose3d`` can run here (builds the
+  library on the first call)."""
   return not _load()
 
 
 def unavailable_reason() -> str:
-  """Why ``conv3d`` cannot run here, in one line ("" when it can)."""
+  """Why ``conv3d`` and ``conv_transpose3d`` cannot run here, in one line
+  ("" when they can)."""
   return _load()
 
 
 def _call(target: str, out: jax.ShapeDtypeStruct, a: Array, b: Array,
-          padding: tuple[tuple[int, int], ...]) -> Array:
+          padding: tuple[tuple[int, int], ...],
+          strides: tuple[int, ...] = (1, 1, 1), transposed: bool = False
+          ) -> Array:
   lo = np.array([p[0] for p in padding], np.int64)
   hi = np.array([p[1] for p in padding], np.int64)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      a, b, padding_lo=lo, padding_hi=hi)
+      a, b, padding_lo=lo, padding_hi=hi,
+      strides=np.array(strides, np.int64), transposed=transposed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -175,3 +182,54 @@ def _conv3d_backward(padding, residuals, d_out):
 
 
 conv3d.defvjp(_conv3d_forward, _conv3d_backward)
+
+
+_NO_PADDING = ((0, 0),) * 3
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_transpose3d(x: Array, kernel: Array,
+                     strides: tuple[int, int, int]) -> Array:
+  """A 3D transposed convolution with no padding, computed by oneDNN:
+  ``out[:, s * v + i] += x[:, v] @ kernel[i]`` for every voxel ``v`` and
+  kernel offset ``i`` (per axis, ``s`` the stride), the transpose of a
+  convolution with these strides.
+
+  Equals ``lax.conv_transpose(x, kernel[::-1, ::-1, ::-1], strides,
+  "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))`` (``lax`` does
+  not flip the kernel) up to float rounding.
+
+  Args:
+    x: ``[batch, x, y, z, in_features]`` float32.
+    kernel: ``[kx, ky, kz, in_features, out_features]`` float32.
+    strides: ``(sx, sy, sz)``.
+
+  Returns:
+    ``[batch, (x - 1) * sx + kx, ..., out_features]`` float32, e.g.
+    ``[batch, sx * x, sy * y, sz * z, out_features]`` when the kernel is as
+    large as the stride (``models.unet3d.UpConv``).
+
+  Requires ``available()``; see the module docstring.
+  """
+  out_spatial = tuple((s - 1) * st + k for s, k, st
+                      in zip(x.shape[1:4], kernel.shape[:3], strides))
+  out = jax.ShapeDtypeStruct((x.shape[0], *out_spatial, kernel.shape[4]),
+                             jnp.float32)
+  return _call(_FORWARD, out, x, kernel, _NO_PADDING, strides, True)
+
+
+def _conv_transpose3d_forward(x, kernel, strides):
+  return conv_transpose3d(x, kernel, strides), (x, kernel)
+
+
+def _conv_transpose3d_backward(strides, residuals, d_out):
+  x, kernel = residuals
+  d_x = _call(_BACKWARD_DATA, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+              d_out, kernel, _NO_PADDING, strides, True)
+  d_kernel = _call(_BACKWARD_KERNEL,
+                   jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                   x, d_out, _NO_PADDING, strides, True)
+  return d_x, d_kernel
+
+
+conv_transpose3d.defvjp(_conv_transpose3d_forward, _conv_transpose3d_backward)

@@ -428,6 +428,19 @@ def _warn_once(message: str) -> None:
   # ERROR, and a user should see why training is slower than it could be.
   warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+
+def _window_view(x: Array, window: Sequence[int]) -> tuple[Array, tuple[int, ...]]:
+  """``x`` reshaped to ``[b, x / wx, wx, ...]`` (axes with window 1 kept
+  whole) and the positions of the window axes."""
+  b, *sizes, c = x.shape
+  shape, axes = [b], []
+  for size, w in zip(sizes, window):
+    shape += [size] if w == 1 else [size // w, w]
+    if w != 1:
+      axes.append(len(shape) - 1)
+  return x.reshape(*shape, c), tuple(axes)
+
+
 def _max_pool(x: Array, window: Sequence[int]) -> Array:
   """Max-pooling with window = stride ``(wx, wy, wz)``, as a reshape + max.
 
@@ -438,17 +451,40 @@ def _max_pool(x: Array, window: Sequence[int]) -> Array:
   after a ReLU are zeros that get no gradient anyway. Sizes must be
   multiples of the window; axes with window 1 are left alone.
   """
-  b, *sizes, c = x.shape
-  shape, axes = [b], []
-  for size, w in zip(sizes, window):
-    if w == 1:
-      shape.append(size)
-    else:
-      shape += [size // w, w]
-      axes.append(len(shape) - 1)
-  if not axes:
-    return x
-  return jnp.max(x.reshape(*shape, c), axis=tuple(axes))
+  view, axes = _window_view(x, window)
+  return jnp.max(view, axis=axes) if axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_to_maxima(x: Array, window: tuple[int, ...]) -> Array:
+  """``_max_pool`` whose gradient goes to every input equal to its window's
+  maximum, computed from the input and the output in one pass.
+
+  ``_max_pool``'s automatic gradient shares the gradient among tied maxima,
+  for which XLA keeps a full-resolution float mask of the maxima and sums
+  it per window. This one keeps nothing beyond ``x`` and the output, which
+  the network keeps anyway (the skip connection and the next convolution's
+  input). The two gradients differ only at ties, which after a ReLU are
+  zeros whose gradient the ReLU stops. Reverse mode only (a custom VJP).
+  """
+  return _max_pool(x, window)
+
+
+def _max_pool_to_maxima_forward(x, window):
+  y = _max_pool(x, window)
+  return y, (x, y)
+
+
+def _max_pool_to_maxima_backward(window, residuals, g):
+  x, y = residuals
+  view, axes = _window_view(x, window)
+  maxima = view == jnp.expand_dims(y, axes)
+  d_x = jnp.where(maxima, jnp.expand_dims(g, axes), jnp.zeros((), g.dtype))
+  return (d_x.reshape(x.shape),)
+
+
+_max_pool_to_maxima.defvjp(_max_pool_to_maxima_forward,
+                           _max_pool_to_maxima_backward)
 
 
 def _max_pool_2x(x: Array) -> Array:
@@ -523,7 +559,9 @@ class UpConv(nnx.Module):
   Same parameters (``kernel: [sx, sy, sz, in, out]``, ``bias: [out]``), same
   default initialisation and same output as ``nnx.ConvTranspose(in, out,
   kernel_size=strides, strides=strides, padding="SAME")``, computed by
-  ``conv_transpose_strided``.
+  ``conv_transpose_strided``, or with ``onednn=True`` (float32, where
+  ``onednn_conv.available()``) by oneDNN's deconvolution, which is
+  reverse-mode only.
   """
 
   def __init__(
@@ -535,12 +573,14 @@ class UpConv(nnx.Module):
       kernel_init: nnx.Initializer | None = None,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
+      onednn: bool = False,
       rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.out_features = out_features
     self.strides = tuple(int(s) for s in strides)
     self.dtype = dtype
+    self.onednn = onednn
     # nnx.ConvTranspose's default initialisers.
     kernel_init = kernel_init or nnx.initializers.lecun_normal()
     self.kernel = nnx.Param(kernel_init(
@@ -550,7 +590,15 @@ class UpConv(nnx.Module):
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = promote_dtype(
         (x, self.kernel[...], self.bias[...]), dtype=self.dtype)
-    return conv_transpose_strided(x, kernel) + bias
+    if (self.onednn and x.dtype == jnp.float32
+        and kernel.dtype == jnp.float32 and onednn_conv.available()):
+      # oneDNN's deconvolution writes the interleaved output directly (the
+      # einsum's output is transposed into place, and so is its gradient).
+      y = onednn_conv.conv_transpose3d(x, kernel[::-1, ::-1, ::-1],
+                                       self.strides)
+    else:
+      y = conv_transpose_strided(x, kernel)
+    return y + bias
 
 
 class ConvBlock(nnx.Module):
@@ -653,7 +701,8 @@ class UpBlock(nnx.Module):
   ):
     in_features = 2 * features if in_features is None else in_features
     self.up = UpConv(in_features, features, strides=strides,
-                     kernel_init=up_kernel_init, dtype=dtype, rngs=rngs)
+                     kernel_init=up_kernel_init, dtype=dtype,
+                     onednn=conv_impl == "onednn", rngs=rngs)
     self.block = ConvBlock(
         2 * features, features, normalization=normalization, dtype=dtype,
         conv_impl=conv_impl, kernel_init=kernel_init, activation=activation,
@@ -813,7 +862,10 @@ class UNet3D(nnx.Module):
         (``lax.conv_general_dilated``), "2d_sum" (``conv3d_as_2d_sum``,
         faster on CPU) or "onednn" (``conv3d_onednn``, fastest on CPU where
         ``onednn_conv.available()``). Same parameters, same results up to
-        float rounding.
+        float rounding. "onednn" is reverse-mode only (custom VJPs) and
+        uses that to save memory: the transposed convolutions run in
+        oneDNN too, the ReLU's and the pooling's gradients come from their
+        outputs, and the decoder's concatenation is never built.
       strides: pooling strides per stage, finest first, e.g.
         ``Plan.pool_strides = ((2, 2, 1), (2, 2, 2), ...)``: each ``(sx, sy,
         sz)`` entry 1 or 2, at least one 2 per stage (see
@@ -978,11 +1030,13 @@ class UNet3D(nnx.Module):
     """
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
+    # The oneDNN path is reverse-mode only already; its pooling may be too.
+    pool = _max_pool_to_maxima if self.conv_impl == "onednn" else _max_pool
     skips = []
     for block, stride in zip(self.encoder, self.strides):
       x = block(x)
       skips.append(x)
-      x = _max_pool(x, stride)
+      x = pool(x, tuple(stride))
     stages = [self.bottleneck(x)]
     for block, skip in zip(self.decoder, reversed(skips)):
       stages.insert(0, block(stages[0], skip))

@@ -1,12 +1,16 @@
-// 3D convolutions on CPU with oneDNN, as XLA FFI handlers.
+// 3D convolutions and transposed convolutions on CPU with oneDNN, as XLA
+// FFI handlers.
 //
 // Built and loaded by tversky_jax/models/onednn_conv.py (which documents the
 // build); called from JAX with jax.ffi.ffi_call. Three handlers, all float32,
-// channels-last, stride 1, zero padding (lo, hi) per spatial axis:
+// channels-last, with strides and zero padding (lo, hi) per spatial axis:
 //
 //   TjConv3dForward:        x [n, x, y, z, ci], k [kx, ky, kz, ci, co] -> out [n, ox, oy, oz, co]
 //   TjConv3dBackwardData:   d_out, k -> d_x   (the gradient of the input)
 //   TjConv3dBackwardKernel: x, d_out -> d_k   (the gradient of the kernel)
+//
+// With the attribute transposed=true they run oneDNN's deconvolution (the
+// transposed convolution, dst[s * v + i] += x[v] @ k[i]) instead.
 //
 // Activations stay in their channels-last layout (oneDNN's "ndhwc"); only the
 // kernel, which is small, is reordered to the layout the primitive prefers.
@@ -41,9 +45,11 @@ dnnl::engine& Engine() {
 
 // The shapes of one convolution, in JAX's order (see the file comment).
 struct Geometry {
-  std::vector<int64_t> x, k, out, lo, hi;
+  std::vector<int64_t> x, k, out, lo, hi, strides;
+  bool transposed;
   bool operator<(const Geometry& o) const {
-    return std::tie(x, k, out, lo, hi) < std::tie(o.x, o.k, o.out, o.lo, o.hi);
+    return std::tie(x, k, out, lo, hi, strides, transposed) <
+           std::tie(o.x, o.k, o.out, o.lo, o.hi, o.strides, o.transposed);
   }
 };
 
@@ -64,30 +70,39 @@ struct Entry {
   dnnl::reorder to_primitive, from_primitive;
 };
 
-Entry Create(Kind kind, const Geometry& g) {
+// The three primitives of a convolution (Op = dnnl::convolution_*) or of a
+// transposed convolution (dnnl::deconvolution_*): same arguments.
+template <typename Forward, typename BackwardData, typename BackwardWeights>
+Entry CreateOf(Kind kind, const Geometry& g, dnnl::algorithm algorithm) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const memory::desc x = Activation(g.x), out = Activation(g.out);
-  const memory::desc any = Kernel(g.k, Tag::any), user = Kernel(g.k, Tag::dhwio);
-  const memory::dims strides = {1, 1, 1};
-  const auto algorithm = dnnl::algorithm::convolution_direct;
-  auto forward = dnnl::convolution_forward::primitive_desc(
+  const memory::desc any = Kernel(g.k, Tag::any);
+  auto forward = typename Forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, algorithm, x, any, out,
-      strides, g.lo, g.hi, attr);
-  Entry e;
+      g.strides, g.lo, g.hi, attr);
   if (kind == kForward) {
-    e = {dnnl::convolution_forward(forward), forward.weights_desc(),
-         forward.scratchpad_desc()};
-  } else if (kind == kBackwardData) {
-    auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), algorithm, x, any, out, strides, g.lo, g.hi, forward, attr);
-    e = {dnnl::convolution_backward_data(pd), pd.weights_desc(), pd.scratchpad_desc()};
-  } else {
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), algorithm, x, any, out, strides, g.lo, g.hi, forward, attr);
-    e = {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
-         pd.scratchpad_desc()};
+    return {Forward(forward), forward.weights_desc(), forward.scratchpad_desc()};
   }
+  if (kind == kBackwardData) {
+    auto pd = typename BackwardData::primitive_desc(
+        Engine(), algorithm, x, any, out, g.strides, g.lo, g.hi, forward, attr);
+    return {BackwardData(pd), pd.weights_desc(), pd.scratchpad_desc()};
+  }
+  auto pd = typename BackwardWeights::primitive_desc(
+      Engine(), algorithm, x, any, out, g.strides, g.lo, g.hi, forward, attr);
+  return {BackwardWeights(pd), pd.diff_weights_desc(), pd.scratchpad_desc()};
+}
+
+Entry Create(Kind kind, const Geometry& g) {
+  Entry e = g.transposed
+      ? CreateOf<dnnl::deconvolution_forward, dnnl::deconvolution_backward_data,
+                 dnnl::deconvolution_backward_weights>(
+            kind, g, dnnl::algorithm::deconvolution_direct)
+      : CreateOf<dnnl::convolution_forward, dnnl::convolution_backward_data,
+                 dnnl::convolution_backward_weights>(
+            kind, g, dnnl::algorithm::convolution_direct);
+  const memory::desc user = Kernel(g.k, Tag::dhwio);
   e.reorder = e.kernel != user;
   if (e.reorder) {
     e.to_primitive = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), e.kernel));
@@ -144,8 +159,9 @@ ffi::Error Run(Kind kind, Geometry g, void* x, void* k, void* out) {
       return ffi::Error::InvalidArgument("oneDNN conv3d: expected rank-5 arrays");
     }
   }
-  if (g.lo.size() != 3 || g.hi.size() != 3) {
-    return ffi::Error::InvalidArgument("oneDNN conv3d: expected 3 paddings per side");
+  if (g.lo.size() != 3 || g.hi.size() != 3 || g.strides.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "oneDNN conv3d: expected 3 paddings per side and 3 strides");
   }
   try {
     Execute(kind, g, x, k, out);
@@ -155,27 +171,37 @@ ffi::Error Run(Kind kind, Geometry g, void* x, void* k, void* out) {
   return ffi::Error::Success();
 }
 
+using Span = ffi::Span<const int64_t>;
+
+Geometry Make(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions k,
+              ffi::AnyBuffer::Dimensions out, Span lo, Span hi, Span strides,
+              bool transposed) {
+  return {Dims(x), Dims(k), Dims(out), Vec(lo), Vec(hi), Vec(strides), transposed};
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                   Span lo, Span hi, Span strides, bool transposed,
                    ffi::ResultBuffer<ffi::F32> out) {
-  return Run(kForward, {Dims(x.dimensions()), Dims(k.dimensions()),
-                        Dims(out->dimensions()), Vec(lo), Vec(hi)},
+  return Run(kForward, Make(x.dimensions(), k.dimensions(), out->dimensions(), lo, hi,
+                             strides, transposed),
              x.untyped_data(), k.untyped_data(), out->untyped_data());
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> k,
-                        ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                        Span lo, Span hi, Span strides, bool transposed,
                         ffi::ResultBuffer<ffi::F32> d_x) {
-  return Run(kBackwardData, {Dims(d_x->dimensions()), Dims(k.dimensions()),
-                             Dims(d_out.dimensions()), Vec(lo), Vec(hi)},
+  return Run(kBackwardData,
+             Make(d_x->dimensions(), k.dimensions(), d_out.dimensions(), lo, hi,
+                  strides, transposed),
              d_x->untyped_data(), k.untyped_data(), d_out.untyped_data());
 }
 
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d_out,
-                          ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                          Span lo, Span hi, Span strides, bool transposed,
                           ffi::ResultBuffer<ffi::F32> d_k) {
-  return Run(kBackwardKernel, {Dims(x.dimensions()), Dims(d_k->dimensions()),
-                               Dims(d_out.dimensions()), Vec(lo), Vec(hi)},
+  return Run(kBackwardKernel,
+             Make(x.dimensions(), d_k->dimensions(), d_out.dimensions(), lo, hi,
+                  strides, transposed),
              x.untyped_data(), d_k->untyped_data(), d_out.untyped_data());
 }
 
@@ -183,8 +209,10 @@ auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
-      .Attr<ffi::Span<const int64_t>>("padding_lo")
-      .Attr<ffi::Span<const int64_t>>("padding_hi")
+      .Attr<Span>("padding_lo")
+      .Attr<Span>("padding_hi")
+      .Attr<Span>("strides")
+      .Attr<bool>("transposed")
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 

@@ -13,8 +13,9 @@ seconds), with --workers threads, the cached rerun, and putting softmax
 probabilities back on each scan's grid (resample_to_original).
 
 --check-memory compiles the real train step (tversky_jax.models.unet3d, Adam,
-float32, native 3D convolutions) for a few isotropic patches and prints the
-planner's estimate over XLA's memory_analysis() (temp + arguments).
+float32) with each convolution implementation for a few isotropic patches and
+prints the planner's estimate over XLA's memory_analysis() (temp + arguments)
+and the activation copies the step needed.
 """
 
 import argparse
@@ -89,35 +90,44 @@ def bench_preprocess(dataset, plan, out, workers):
 
 
 def check_memory():
-  """Planner estimate vs the compiled train step's memory, isotropic patches."""
+  """Planner estimate vs the compiled train step's memory, isotropic patches,
+  for every convolution implementation; prints the activation copies each
+  step needed (``planning.ACTIVATION_COPIES`` holds the planner's)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from tversky_jax.models import unet3d  # pylint: disable=import-outside-toplevel
 
-  print(f"memory check on {jax.default_backend()} (native conv, float32, Adam):")
-  for shape, batch, base, depth in (((32,) * 3, 1, 8, 3), ((64,) * 3, 2, 16, 4)):
-    model = unet3d.UNet3D(in_channels=1, num_classes=2, base_features=base, depth=depth,
-                          rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-    optimizer = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
+  print(f"memory check on {jax.default_backend()} (float32, Adam):")
+  for conv_impl in planning.ACTIVATION_COPIES:
+    for shape, batch, base, depth in (((32,) * 3, 1, 8, 3), ((64,) * 3, 2, 16, 4)):
+      model = unet3d.UNet3D(in_channels=1, num_classes=2, base_features=base,
+                            depth=depth, conv_impl=conv_impl,
+                            rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+      optimizer = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
+      graphdef, state = nnx.split((model, optimizer))
 
-    def step(state, x, y, graphdef=graphdef):
-      model, optimizer = nnx.merge(graphdef, state)
-      loss_of = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-      loss, grads = nnx.value_and_grad(loss_of)(model)
-      optimizer.update(model, grads)
-      return nnx.state((model, optimizer)), loss
+      def step(state, x, y, graphdef=graphdef):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss_of = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        loss, grads = nnx.value_and_grad(loss_of)(model)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
 
-    x = jax.ShapeDtypeStruct((batch, *shape, 1), jnp.float32)
-    y = jax.ShapeDtypeStruct((batch, *shape), jnp.int32)
-    stats = jax.jit(step, donate_argnums=0).lower(state, x, y).compile().memory_analysis()
-    real = stats.temp_size_in_bytes + stats.argument_size_in_bytes
-    estimate = planning.estimate_memory_bytes(shape, [(2, 2, 2)] * depth, batch, 1, 2, base)
-    print(f"  patch {shape} batch {batch} base {base} depth {depth}: compiled "
-          f"{real / 2**20:.1f} MiB, estimate {estimate / 2**20:.1f} MiB "
-          f"(x{estimate / real:.2f})")
+      x = jax.ShapeDtypeStruct((batch, *shape, 1), jnp.float32)
+      y = jax.ShapeDtypeStruct((batch, *shape), jnp.int32)
+      stats = jax.jit(step, donate_argnums=0).lower(state, x, y).compile().memory_analysis()
+      real = stats.temp_size_in_bytes + stats.argument_size_in_bytes
+      strides = [(2, 2, 2)] * depth
+      estimate, params = (planning.estimate_memory_bytes(
+          shape, strides, b, 1, 2, base, conv_impl=conv_impl) for b in (batch, 0))
+      # The bytes of one copy of the activations, and how many the step needed.
+      one_copy = (estimate - params) / planning.ACTIVATION_COPIES[conv_impl]
+      print(f"  {conv_impl:7s} patch {shape} batch {batch} base {base} depth {depth}: "
+            f"compiled {real / 2**20:.1f} MiB, estimate {estimate / 2**20:.1f} MiB "
+            f"(x{estimate / real:.2f}); {(real - params) / one_copy:.1f} activation "
+            f"copies (planner: {planning.ACTIVATION_COPIES[conv_impl]})")
 
 
 def main():

@@ -636,3 +636,32 @@ def test_activation_values_and_gradients_match_flax(activation, reference):
   np.testing.assert_array_equal(ours(x), reference(x))
   np.testing.assert_allclose(jax.vjp(ours, x)[1](g)[0], jax.vjp(reference, x)[1](g)[0],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_fused_instance_norm_and_activation_match_flax(activation):
+  # The oneDNN path's instance norm + activation, with a hand-written
+  # gradient that keeps the input and the output only.
+  slope = unet3d.LEAKY_RELU_SLOPE if activation == "leaky_relu" else 0.0
+  scale = jnp.array([1.5, -0.5, 0.8])
+  bias = jnp.array([0.1, 0.0, -0.3])
+  norm = nnx.InstanceNorm(3, scale_init=lambda *_, **__: scale,
+                          bias_init=lambda *_, **__: bias, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(norm)
+  x = 2.0 + 3.0 * jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 3))
+  g = jax.random.normal(jax.random.key(1), x.shape)
+
+  def ours(x, scale, bias):
+    return unet3d._instance_norm_activate(x, scale, bias, norm.epsilon, slope)
+
+  def reference(x, state):
+    return unet3d._activate(nnx.merge(graphdef, state)(x), activation)
+
+  out, vjp = jax.vjp(ours, x, scale, bias)
+  ref_out, ref_vjp = jax.vjp(reference, x, state)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+  d_x, d_scale, d_bias = vjp(g)
+  ref_d_x, ref_d_state = ref_vjp(g)
+  np.testing.assert_allclose(d_x, ref_d_x, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(d_scale, ref_d_state["scale"][...], rtol=1e-4)
+  np.testing.assert_allclose(d_bias, ref_d_state["bias"][...], rtol=1e-4)

@@ -261,6 +261,64 @@ def _rectify_backward(slope, y, g):
 _rectify.defvjp(_rectify_forward, _rectify_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _instance_norm_activate(x: Array, scale: Array, bias: Array,
+                            epsilon: float, slope: float) -> Array:
+  """``_rectify(nnx.InstanceNorm(x), slope)`` with the gradient written out.
+
+  ``x: [b, x, y, z, c]``; ``scale``, ``bias``: ``[c]``. Per sample and
+  channel, ``x_hat = (x - mean) / sqrt(var + epsilon)`` over the spatial
+  axes (the variance as ``E[x^2] - mean^2``, clipped at 0, as Flax
+  computes it; statistics in float32), then ``x_hat * scale + bias`` and
+  the (leaky) ReLU. Same values as ``nnx.InstanceNorm`` followed by
+  ``nnx.relu`` / ``nnx.leaky_relu`` up to float rounding.
+
+  Automatic differentiation keeps ``x``, the centred ``x - mean`` and the
+  normalised output for the backward pass; this keeps ``x`` and the
+  output, which is the next convolution's input and kept anyway: one
+  tensor per layer less, as PyTorch's instance norm. The gradient of the
+  input is ``r * scale * (dz - mean(dz) - x_hat * mean(dz * x_hat))`` with
+  ``r = 1 / sqrt(var + epsilon)`` and ``dz`` the gradient behind the
+  activation. Reverse mode only (a custom VJP).
+  """
+  return _instance_norm_activate_forward(x, scale, bias, epsilon, slope)[0]
+
+
+def _instance_stats(x: Array, epsilon: float) -> tuple[Array, Array]:
+  """Per sample and channel: the mean and ``1 / sqrt(var + epsilon)``,
+  ``[b, 1, 1, 1, c]`` float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  mean_sq = jnp.mean(jnp.square(x), axis=(1, 2, 3), keepdims=True)
+  var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
+  return mean, lax.rsqrt(var + epsilon)
+
+
+def _instance_norm_activate_forward(x, scale, bias, epsilon, slope):
+  mean, r = _instance_stats(x, epsilon)
+  z = ((x - mean) * (r * scale) + bias).astype(x.dtype)
+  y = jnp.where(z > 0, z, z * jnp.asarray(slope, z.dtype))
+  return y, (x, mean, r, scale, y)
+
+
+def _instance_norm_activate_backward(epsilon, slope, residuals, g):
+  del epsilon
+  x, mean, r, scale, y = residuals
+  dz = jnp.where(y > 0, g, g * jnp.asarray(slope, g.dtype)).astype(jnp.float32)
+  x_hat = (x - mean) * r
+  sum_dz = jnp.sum(dz, axis=(1, 2, 3), keepdims=True)
+  sum_dz_x_hat = jnp.sum(dz * x_hat, axis=(1, 2, 3), keepdims=True)
+  n = x.shape[1] * x.shape[2] * x.shape[3]
+  d_x = (r * scale) * (dz - sum_dz / n - x_hat * (sum_dz_x_hat / n))
+  d_scale = jnp.sum(sum_dz_x_hat, axis=(0, 1, 2, 3)).astype(scale.dtype)
+  d_bias = jnp.sum(sum_dz, axis=(0, 1, 2, 3)).astype(scale.dtype)
+  return d_x.astype(x.dtype), d_scale, d_bias
+
+
+_instance_norm_activate.defvjp(_instance_norm_activate_forward,
+                               _instance_norm_activate_backward)
+
+
 def count_params(model: nnx.Module) -> int:
   """Returns the number of trainable parameters (``nnx.Param`` entries).
 
@@ -645,14 +703,18 @@ class ConvBlock(nnx.Module):
 
   def __call__(self, x: Array | tuple[Array, ...]) -> Array:
     x = self._first_conv(x) if isinstance(x, tuple) else self.conv1(x)
-    if self.norm1 is not None:
-      x = self.norm1(x)
-    x = _activate(x, self.activation, self.grad_from_output)
+    x = self._normalize_and_activate(x, self.norm1)
     x = self.conv2(x)
-    if self.norm2 is not None:
-      x = self.norm2(x)
-    return _activate(x, self.activation, self.grad_from_output)
+    return self._normalize_and_activate(x, self.norm2)
 
+  def _normalize_and_activate(self, x: Array, norm: nnx.Module | None) -> Array:
+    if self.grad_from_output and isinstance(norm, nnx.InstanceNorm):
+      slope = LEAKY_RELU_SLOPE if self.activation == "leaky_relu" else 0.0
+      scale, bias = (v.astype(jnp.float32) for v in (norm.scale[...], norm.bias[...]))
+      return _instance_norm_activate(x, scale, bias, norm.epsilon, slope)
+    if norm is not None:
+      x = norm(x)
+    return _activate(x, self.activation, self.grad_from_output)
 
   def _first_conv(self, parts: tuple[Array, ...]) -> Array:
     """``conv1`` of the concatenation of ``parts``, as a sum of one
@@ -865,7 +927,8 @@ class UNet3D(nnx.Module):
         float rounding. "onednn" is reverse-mode only (custom VJPs) and
         uses that to save memory: the transposed convolutions run in
         oneDNN too, the ReLU's and the pooling's gradients come from their
-        outputs, and the decoder's concatenation is never built.
+        outputs, instance norm and activation keep only their input and
+        output, and the decoder's concatenation is never built.
       strides: pooling strides per stage, finest first, e.g.
         ``Plan.pool_strides = ((2, 2, 1), (2, 2, 2), ...)``: each ``(sx, sy,
         sz)`` entry 1 or 2, at least one 2 per stage (see

@@ -290,3 +290,18 @@ def test_stage_strides_wait_for_the_coarse_axis():
   assert planning.stage_strides((1.0, 1.0, 5.0), 3) == (
       (2, 2, 1), (2, 2, 1), (2, 2, 2))
   assert planning.stage_strides((2.0, 1.0, 1.0), 2) == ((1, 2, 2), (2, 2, 2))
+
+
+def test_auto_plans_for_the_convolution_the_trainer_picks(monkeypatch):
+  from tversky_jax.models import unet3d  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(planning, "_default_backend", lambda: "cpu")
+  options = planning.PlanOptions(memory_bytes=2**30)
+  # The tests' four simulated CPU devices: "2d_sum"; one device: "onednn".
+  assert planning._resolve_memory(options)[2] == unet3d.default_conv_impl() == "2d_sum"
+  monkeypatch.setattr(unet3d.jax, "device_count", lambda: 1)
+  assert planning._resolve_memory(options)[2] == "onednn"
+  monkeypatch.setattr(planning, "_default_backend", lambda: "gpu")
+  assert planning._resolve_memory(options)[2] == "native"
+  for conv_impl in planning.ACTIVATION_COPIES:
+    assert planning._resolve_memory(
+        planning.PlanOptions(memory_bytes=2**30, conv_impl=conv_impl))[2] == conv_impl

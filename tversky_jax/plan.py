@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: accelerator memory x 0.9, else host RAM x 0.25)")
   parser.add_argument("--base-features", type=int, default=16)
   parser.add_argument("--max-features", type=int, help="cap on features per stage (default none)")
-  parser.add_argument("--conv-impl", default="auto", choices=("auto", "native", "2d_sum"),
-                      help="convolution the memory estimate assumes (auto: 2d_sum on CPU)")
+  parser.add_argument("--conv-impl", default="auto",
+                      choices=("auto", *planning.ACTIVATION_COPIES),
+                      help="convolution the memory estimate assumes (auto: what the "
+                      "trainer picks: onednn on one CPU device, native on GPU/TPU)")
   parser.add_argument("--normalization", help="comma-separated scheme per channel "
                       "(ct, zscore, none), overriding the channel names")
   parser.add_argument("--image-order", type=int, default=3, help="spline order for images")

@@ -86,9 +86,12 @@ DEVICE_MEMORY_FRACTION = 0.9
 # 115-118 bytes with conv_impl="2d_sum" (its shifted slabs; 29 copies). The
 # whole estimate (with the parameter state) came within 1-4 % of temp +
 # argument bytes; ``python bench/bench_preprocess.py --check-memory`` repeats
-# the check. Not measured on GPU (cuDNN workspaces come on top) nor for
-# bfloat16.
-ACTIVATION_COPIES = {"native": 12.5, "2d_sum": 29.0}
+# the check. With conv_impl="onednn" (the CPU default for one device, whose
+# layers keep less for the backward pass) 6.6-7.1 copies without
+# normalisation and 10.6-15.0 with instance norm (the default recipe;
+# patches 32^3 and 64^3, batch 1-2): 15 covers both. Not measured on GPU
+# (cuDNN workspaces come on top) nor for bfloat16.
+ACTIVATION_COPIES = {"native": 12.5, "2d_sum": 29.0, "onednn": 15.0}
 # float32 parameters, their gradients and Adam's two moments.
 PARAMETER_COPIES = 4
 
@@ -258,9 +261,11 @@ class PlanOptions:
     base_features: U-Net features of the finest stage.
     max_features: cap on the features per stage (nnU-Net: 320); None: no cap,
       features double per stage as in tversky_jax.models.unet3d.
-    conv_impl: ``"native"``, ``"2d_sum"`` or ``"auto"`` (what train_lib's
-      ``model.conv_impl="auto"`` picks: ``"2d_sum"`` when jax's default
-      backend is the CPU, else ``"native"``).
+    conv_impl: ``"native"``, ``"2d_sum"``, ``"onednn"`` or ``"auto"`` (what
+      the trainer's ``model.conv_impl="auto"`` picks for all of jax's
+      devices: ``"native"`` off the CPU; on the CPU ``"onednn"`` for one
+      device where it can be built, else ``"2d_sum"``; see
+      ``tversky_jax.models.unet3d.default_conv_impl``).
     bytes_per_element: 4 (float32) or 2 (bfloat16 compute).
     normalization: per-channel override of the schemes, or None.
     image_order: spline order (0-5) of image resampling; nnU-Net uses 3.
@@ -293,7 +298,8 @@ class PlanOptions:
     if self.base_features < 1 or (self.max_features is not None and self.max_features < 1):
       problems.append("base_features and max_features must be >= 1")
     if self.conv_impl not in ("auto", *ACTIVATION_COPIES):
-      problems.append(f"conv_impl must be auto, native or 2d_sum, got {self.conv_impl!r}")
+      problems.append(f"conv_impl must be auto or one of {tuple(ACTIVATION_COPIES)}, "
+                      f"got {self.conv_impl!r}")
     if self.normalization is not None and not set(self.normalization) <= set(NORMALIZATION_SCHEMES):
       problems.append(f"normalization schemes must be in {NORMALIZATION_SCHEMES}, "
                       f"got {list(self.normalization)}")
@@ -666,7 +672,7 @@ def fit_patch_and_batch(
     num_classes: network outputs.
     memory_bytes: the budget for one train step.
     options: base_features, max_features, bytes_per_element, max_num_pool.
-    conv_impl: ``"native"`` or ``"2d_sum"``.
+    conv_impl: a key of ``ACTIVATION_COPIES``.
 
   Returns:
     ``{"patch_size", "batch_size", "num_pool_per_axis", "pool_strides",
@@ -719,7 +725,10 @@ def _resolve_memory(options: PlanOptions) -> tuple[int, str, str]:
     memory, source = default_memory_budget()
   conv_impl = options.conv_impl
   if conv_impl == "auto":
-    conv_impl = "2d_sum" if _default_backend() == "cpu" else "native"
+    conv_impl = "native"
+    if _default_backend() == "cpu":
+      from tversky_jax.models import unet3d  # pylint: disable=import-outside-toplevel
+      conv_impl = unet3d.default_conv_impl()
   return memory, source, conv_impl
 
 

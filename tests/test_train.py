@@ -36,7 +36,10 @@ def assert_same_params(got, expected, rtol, atol):
 def test_data_parallel_run_equals_single_device(tiny_dataset, straight_run,
                                                 tmp_path):
   _, _, params_four = straight_run
-  config = tiny_config(tiny_dataset)
+  # The same convolution as the four-device run ("auto" would pick oneDNN
+  # for one device, whose float rounding differs: after six Adam steps up
+  # to 3e-6 on parameters of 1e-4, which is not what this test is about).
+  config = tiny_config(tiny_dataset, **{"model.conv_impl": "2d_sum"})
   one = train_lib.train_and_evaluate(config, str(tmp_path),
                                      devices=jax.devices()[:1], progress=False)
   assert one.step == 6

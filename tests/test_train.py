@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.helpers import saved_params, tiny_config
 from tversky_jax import training_data
@@ -341,20 +340,3 @@ def test_best_checkpoint_ignores_missing_and_nan_metrics(tmp_path):
   manager.save(4, state, data_state=None, meta={}, metrics={"apr": 0.2})
   assert manager.best_step() == 1
   manager.close()
-
-
-def test_jitted_initialisation_equals_the_eager_one(tiny_dataset):
-  # create_train_state initialises in one jitted program (fast); its values
-  # are those of building the model eagerly, bit for bit.
-  config = tiny_config(tiny_dataset)
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  graphdef, state = train_state.create_train_state(config, 3, mesh)
-  spec = train_state.ModelSpec(3)
-  model = train_state.build_model(config, spec, config.seed, 1)
-  eager = nnx.split((model, nnx.Optimizer(
-      model, train_state.make_optimizer(config), wrt=nnx.Param)))[1]
-  got, want = jax.tree.leaves(state), jax.tree.leaves(eager)
-  assert len(got) == len(want) > 0
-  for a, b in zip(got, want):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert nnx.merge(graphdef, state)[0].conv_impl == model.conv_impl

@@ -43,6 +43,17 @@ def _loss_and_grads(conv, x, k, padding):
       lambda x, k: jnp.sum(conv(x, k, padding) * weights), argnums=(0, 1)))(x, k)
 
 
+def _assert_same_loss_and_grads(conv, reference, x, k, arg):
+  """A weighted sum of ``conv(x, k, arg)`` and its gradients in ``x`` and
+  ``k`` equal ``reference``'s to 1e-5 relative."""
+  (value, grads) = _loss_and_grads(conv, x, k, arg)
+  (ref_value, ref_grads) = _loss_and_grads(reference, x, k, arg)
+  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value)) + 1e-5
+  for grad, ref in zip(grads, ref_grads):
+    assert grad.shape == ref.shape
+    assert _max_rel(grad, ref) < 1e-5
+
+
 def _onednn(x, k, padding):
   return unet3d.conv3d_onednn(x, k, (1, 1, 1), padding, dimension_numbers=DN)
 
@@ -74,12 +85,7 @@ def test_forward_and_gradients_equal_lax(x_shape, k_shape, padding):
   pads = unet3d._pads(x, k, padding)
   out = jax.jit(_onednn, static_argnums=2)(x, k, padding)
   np.testing.assert_allclose(out, _numpy_conv(x, k, pads), rtol=1e-5, atol=1e-5)
-  (value, grads) = _loss_and_grads(_onednn, x, k, padding)
-  (ref_value, ref_grads) = _loss_and_grads(_native, x, k, padding)
-  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value)) + 1e-5
-  for grad, ref in zip(grads, ref_grads):
-    assert grad.shape == ref.shape
-    assert _max_rel(grad, ref) < 1e-5
+  _assert_same_loss_and_grads(_onednn, _native, x, k, padding)
 
 
 @pytest.mark.parametrize("x_shape, k_shape, strides", [
@@ -102,12 +108,7 @@ def test_transposed_convolution_and_gradients_equal_lax(x_shape, k_shape, stride
       x_shape[0], *((n - 1) * s + w for n, s, w in zip(x_shape[1:4], strides, k_shape)),
       k_shape[-1])
   assert _max_rel(out, native(x, k, strides)) < 1e-5
-  (value, grads) = _loss_and_grads(onednn, x, k, strides)
-  (ref_value, ref_grads) = _loss_and_grads(native, x, k, strides)
-  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value)) + 1e-5
-  for grad, ref in zip(grads, ref_grads):
-    assert grad.shape == ref.shape
-    assert _max_rel(grad, ref) < 1e-5
+  _assert_same_loss_and_grads(onednn, native, x, k, strides)
 
 
 def test_upconv_with_onednn_equals_the_einsum():

@@ -224,10 +224,35 @@ def _constant_init(values: Sequence[float]) -> nnx.Initializer:
   return init
 
 
+def _lean_backward(conv_impl: str) -> bool:
+  """Whether the layers around the convolutions keep less for the backward
+  pass through custom VJPs (reverse mode only): with "onednn", whose
+  convolutions are reverse-mode only already. Then the ReLU's and the
+  pooling's gradients come from their outputs, instance norm + activation
+  keep only input and output, the decoder's concatenation is not built and
+  the transposed convolutions run in oneDNN too."""
+  return conv_impl == "onednn"
+
+
+def _slope(activation: str) -> float:
+  """The negative slope of ``activation``: 0 for a ReLU."""
+  return LEAKY_RELU_SLOPE if activation == "leaky_relu" else 0.0
+
+
+def _leaky(x: Array, slope: float) -> Array:
+  """``where(x > 0, x, slope * x)``."""
+  return jnp.where(x > 0, x, x * jnp.asarray(slope, x.dtype))
+
+
+def _leaky_grad_from_output(y: Array, g: Array, slope: float) -> Array:
+  """The gradient through ``y = _leaky(x, slope)``, from ``y``."""
+  return jnp.where(y > 0, g, g * jnp.asarray(slope, g.dtype))
+
+
 def _activate(x: Array, activation: str, from_output: bool = False) -> Array:
   """The activation; ``from_output``: its gradient from its output
   (``_rectify``, less memory, reverse mode only), else Flax's functions."""
-  slope = LEAKY_RELU_SLOPE if activation == "leaky_relu" else 0.0
+  slope = _slope(activation)
   if from_output:
     return _rectify(x, slope)
   if activation == "leaky_relu":
@@ -246,7 +271,7 @@ def _rectify(x: Array, slope: float) -> Array:
   Same values and gradients as ``nnx.relu`` / ``nnx.leaky_relu`` (gradient
   ``slope`` at 0, where ``nnx.relu``'s is 0 too).
   """
-  return jnp.where(x > 0, x, x * jnp.asarray(slope, x.dtype))
+  return _leaky(x, slope)
 
 
 def _rectify_forward(x, slope):
@@ -255,7 +280,7 @@ def _rectify_forward(x, slope):
 
 
 def _rectify_backward(slope, y, g):
-  return (jnp.where(y > 0, g, g * jnp.asarray(slope, g.dtype)),)
+  return (_leaky_grad_from_output(y, g, slope),)
 
 
 _rectify.defvjp(_rectify_forward, _rectify_backward)
@@ -297,14 +322,14 @@ def _instance_stats(x: Array, epsilon: float) -> tuple[Array, Array]:
 def _instance_norm_activate_forward(x, scale, bias, epsilon, slope):
   mean, r = _instance_stats(x, epsilon)
   z = ((x - mean) * (r * scale) + bias).astype(x.dtype)
-  y = jnp.where(z > 0, z, z * jnp.asarray(slope, z.dtype))
+  y = _leaky(z, slope)
   return y, (x, mean, r, scale, y)
 
 
 def _instance_norm_activate_backward(epsilon, slope, residuals, g):
   del epsilon
   x, mean, r, scale, y = residuals
-  dz = jnp.where(y > 0, g, g * jnp.asarray(slope, g.dtype)).astype(jnp.float32)
+  dz = _leaky_grad_from_output(y, g, slope).astype(jnp.float32)
   x_hat = (x - mean) * r
   sum_dz = jnp.sum(dz, axis=(1, 2, 3), keepdims=True)
   sum_dz_x_hat = jnp.sum(dz * x_hat, axis=(1, 2, 3), keepdims=True)
@@ -456,7 +481,6 @@ conv3d_onednn = _drop_in(_conv3d_onednn)
 CONV_FUNCTIONS = {"native": lax.conv_general_dilated,
                   "2d_sum": conv3d_as_2d_sum,
                   "onednn": conv3d_onednn}
-
 
 
 def default_conv_impl(num_devices: int | None = None) -> str:
@@ -686,9 +710,8 @@ class ConvBlock(nnx.Module):
     use_bias = normalization == "none"
     kernel_init = kernel_init or nnx.initializers.lecun_normal()
     self.activation = activation
-    # The oneDNN path is reverse-mode only already (a custom VJP), so its
-    # activations may be too, and keep one tensor per layer, not two.
-    self.grad_from_output = conv_impl == "onednn"
+    # Activations keep one tensor per layer, not two (_lean_backward).
+    self.grad_from_output = _lean_backward(conv_impl)
 
     def conv(fin: int) -> nnx.Conv:
       return nnx.Conv(
@@ -709,7 +732,7 @@ class ConvBlock(nnx.Module):
 
   def _normalize_and_activate(self, x: Array, norm: nnx.Module | None) -> Array:
     if self.grad_from_output and isinstance(norm, nnx.InstanceNorm):
-      slope = LEAKY_RELU_SLOPE if self.activation == "leaky_relu" else 0.0
+      slope = _slope(self.activation)
       scale, bias = (v.astype(jnp.float32) for v in (norm.scale[...], norm.bias[...]))
       return _instance_norm_activate(x, scale, bias, norm.epsilon, slope)
     if norm is not None:
@@ -764,14 +787,15 @@ class UpBlock(nnx.Module):
     in_features = 2 * features if in_features is None else in_features
     self.up = UpConv(in_features, features, strides=strides,
                      kernel_init=up_kernel_init, dtype=dtype,
-                     onednn=conv_impl == "onednn", rngs=rngs)
+                     onednn=_lean_backward(conv_impl), rngs=rngs)
     self.block = ConvBlock(
         2 * features, features, normalization=normalization, dtype=dtype,
         conv_impl=conv_impl, kernel_init=kernel_init, activation=activation,
         rngs=rngs)
-    # With oneDNN the concatenation is not materialised (ConvBlock._first_conv):
-    # less memory, same speed. Elsewhere one convolution over it is faster.
-    self.split_concat = conv_impl == "onednn"
+    # With _lean_backward the concatenation is not materialised
+    # (ConvBlock._first_conv): less memory, same speed with oneDNN. Elsewhere
+    # one convolution over it is faster.
+    self.split_concat = _lean_backward(conv_impl)
 
   def __call__(self, x: Array, skip: Array) -> Array:
     x = self.up(x)
@@ -1093,8 +1117,7 @@ class UNet3D(nnx.Module):
     """
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
-    # The oneDNN path is reverse-mode only already; its pooling may be too.
-    pool = _max_pool_to_maxima if self.conv_impl == "onednn" else _max_pool
+    pool = _max_pool_to_maxima if _lean_backward(self.conv_impl) else _max_pool
     skips = []
     for block, stride in zip(self.encoder, self.strides):
       x = block(x)

@@ -330,11 +330,19 @@ def _instance_norm_activate_backward(epsilon, slope, residuals, g):
   del epsilon
   x, mean, r, scale, y = residuals
   dz = _leaky_grad_from_output(y, g, slope).astype(jnp.float32)
-  x_hat = (x - mean) * r
+  # Written without x - mean: XLA would share that tensor with the forward
+  # pass's and keep it from there until here, one more tensor per layer
+  # (the default recipe's 1 x 64^3 step: 321 -> ... MB).
   sum_dz = jnp.sum(dz, axis=(1, 2, 3), keepdims=True)
-  sum_dz_x_hat = jnp.sum(dz * x_hat, axis=(1, 2, 3), keepdims=True)
+  sum_dz_x = jnp.sum(dz * x, axis=(1, 2, 3), keepdims=True)
+  sum_dz_x_hat = r * (sum_dz_x - mean * sum_dz)
   n = x.shape[1] * x.shape[2] * x.shape[3]
-  d_x = (r * scale) * (dz - sum_dz / n - x_hat * (sum_dz_x_hat / n))
+  # d_x = r * scale * (dz - sum_dz / n - x_hat * sum_dz_x_hat / n)
+  #     = a * dz + c * x + b, per sample and channel:
+  a = r * scale
+  c = -a * r * sum_dz_x_hat / n
+  b = -a * sum_dz / n - c * mean
+  d_x = a * dz + c * x + b
   d_scale = jnp.sum(sum_dz_x_hat, axis=(0, 1, 2, 3)).astype(scale.dtype)
   d_bias = jnp.sum(sum_dz, axis=(0, 1, 2, 3)).astype(scale.dtype)
   return d_x.astype(x.dtype), d_scale, d_bias
@@ -478,6 +486,30 @@ conv3d_onednn = _drop_in(_conv3d_onednn)
 
 
 # What each ``conv_impl`` calls in place of ``lax.conv_general_dilated``.
+def _pointwise_conv(lhs: Array, rhs: Array,
+                    pads: tuple[tuple[int, int], ...], precision: Any,
+                    preferred_element_type: Any) -> Array:
+  """A 1x1x1 convolution as one matrix product over all voxels.
+
+  ``lhs: [batch, x, y, z, in]``, ``rhs: [1, 1, 1, in, out]`` (same kernel
+  layout as ``nnx.Conv``'s). XLA:CPU computes the kernel's gradient of a
+  1x1x1 ``conv_general_dilated`` as a convolution with a whole-volume
+  window over a transposed copy of ``lhs``; as a product of
+  ``[voxels, in]`` and ``[voxels, out]`` it needs no copy and is 2-3x
+  faster (a 16 -> 2 head at 1 x 64^3: 59 -> 19 ms forward + backward).
+  """
+  if rhs.shape[:3] != (1, 1, 1) or any(p != (0, 0) for p in pads):
+    return lax.conv_general_dilated(
+        lhs, rhs, (1, 1, 1), pads, dimension_numbers=_NDHWC,
+        precision=precision, preferred_element_type=preferred_element_type)
+  out = jnp.matmul(lhs.reshape(-1, lhs.shape[-1]),
+                   rhs.reshape(rhs.shape[-2:]), precision=precision,
+                   preferred_element_type=preferred_element_type)
+  return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+
+
+pointwise_conv = _drop_in(_pointwise_conv)
+
 CONV_FUNCTIONS = {"native": lax.conv_general_dilated,
                   "2d_sum": conv3d_as_2d_sum,
                   "onednn": conv3d_onednn}
@@ -850,7 +882,7 @@ def _head_conv(in_features: int, num_classes: int, *, dtype: Any,
   return nnx.Conv(
       in_features, num_classes, kernel_size=(1, 1, 1), dtype=dtype,
       param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=bias_init,
-      rngs=rngs)
+      conv_general_dilated=pointwise_conv, rngs=rngs)
 
 
 def _head_bias_initializer(head_bias_init: Sequence[float] | None,

@@ -10,7 +10,9 @@ plans and preprocesses them into the memory-mapped cache the trainer reads
 `tversky_jax.data.pipeline.make_train_iterator` for the paper's two input
 shapes: whole volumes (batch 1, zero-padded to a multiple of 16) and
 2 x 128^3 patches (one third centred on foreground), with 0 (a background
-thread) and with N grain worker processes. Each figure is batches/s over
+thread) and with N grain worker processes. As in the default config, the
+pipeline does not flip (the train step mirrors on the device);
+`--random-flip` adds the host flips of `config.data.random_flip`. Each figure is batches/s over
 `--batches` batches after `--warmup` batches, i.e. what the pipeline can
 feed; compare it with 1 / (train-step time) of the device.
 """
@@ -52,10 +54,11 @@ def cached_cases(root: Path, num_cases: int):
   return cases
 
 
-def batches_per_second(cases, *, batch, patch, workers, warmup, count):
+def batches_per_second(cases, *, batch, patch, workers, warmup, count,
+                       random_flip):
   iterator = pipeline.make_train_iterator(
       cases, global_batch_size=batch, patch_shape=patch, divisor=16,
-      foreground_fraction=0.33, random_flip=True, seed=0,
+      foreground_fraction=0.33, random_flip=random_flip, seed=0,
       worker_count=workers, prefetch_batches=2)
   try:
     for _ in range(warmup):
@@ -77,6 +80,8 @@ def main():
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--random-flip", action="store_true",
+                      help="flip on the host too (config.data.random_flip)")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     cases = cached_cases(Path(tmp), args.cases)
@@ -87,7 +92,8 @@ def main():
       for workers in args.workers:
         rate, shape, megabytes = batches_per_second(
             cases, batch=batch, patch=patch, workers=workers,
-            warmup=args.warmup, count=args.batches)
+            warmup=args.warmup, count=args.batches,
+            random_flip=args.random_flip)
         print(f"{name:18s} {workers:7d} {rate:9.2f} {str(shape):24s} "
               f"{megabytes:8.1f}", flush=True)
 

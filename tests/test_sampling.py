@@ -87,6 +87,26 @@ def test_sample_patch_shapes_dtypes_and_content():
     np.testing.assert_array_equal(patch, image[x:x + 8, y:y + 6, z:z + 4])
 
 
+def test_sample_patch_of_a_small_volume_equals_pad_then_crop():
+  # A volume smaller than the patch along two axes: the patch is cropped
+  # from the unpadded volume, as if padded first (only the box is copied).
+  image, label = coordinate_volume((5, 9, 4), channels=2)
+  label = (np.arange(label.size).reshape(label.shape) % 7).astype(np.uint8)
+  widths = sampling.center_pad_widths(label.shape, (8, 6, 7))
+  padded = np.pad(image, (*widths, (0, 0)))
+  padded_label = np.pad(label, widths)
+  seen = set()
+  rng = np.random.default_rng(0)
+  for _ in range(60):
+    patch, patch_label = sampling.sample_patch(image, label, (8, 6, 7), rng, 0.0)
+    matches = [(y,) for y in range(padded.shape[1] - 5)
+               if np.array_equal(patch, padded[:, y:y + 6, :])
+               and np.array_equal(patch_label, padded_label[:, y:y + 6, :])]
+    assert len(matches) == 1
+    seen.add(matches[0])
+  assert len(seen) == padded.shape[1] - 5  # every valid corner was drawn
+
+
 def test_sample_patch_foreground_centring_frequency():
   image, label = coordinate_volume((24, 24, 24))
   label[11, 12, 13] = 1  # one interior lesion voxel
@@ -193,6 +213,21 @@ def test_random_flip_keeps_image_and_label_aligned():
     flipped_axes.append((x != 0, y != 0, z != 0))
   frequency = np.mean(flipped_axes, axis=0)
   assert np.all((frequency > 0.2) & (frequency < 0.8)), frequency
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_random_flip_equals_np_flip_channel_by_channel(channels):
+  # Several channels are flipped as one item per voxel: their order and
+  # values must survive, for every subset of axes and for a strided input.
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(4, 5, 6, channels)).astype(np.float32)
+  label = rng.integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
+  for source in (image, image[:, ::-1]):  # contiguous and not
+    for axes in [(0,), (1,), (2,), (0, 2), (0, 1, 2)]:
+      img, lab = sampling.random_flip(source, label, rng, axes=axes, probability=1.0)
+      np.testing.assert_array_equal(img, np.flip(source, axes))
+      np.testing.assert_array_equal(lab, np.flip(label, axes))
+      assert img.flags.c_contiguous and img.dtype == np.float32
 
 
 def test_random_flip_probability_one_and_zero_and_axes():

@@ -58,11 +58,32 @@ def center_pad_widths(spatial_shape: Sequence[int], target_shape: Sequence[int])
   return tuple(widths)  # type: ignore[return-value]
 
 
+def _crop_padded(array: np.ndarray, widths: PadWidths, start: Sequence[int],
+                 size: Sequence[int]) -> np.ndarray:
+  """The box ``[start, start + size)`` of `array` zero-padded by `widths`.
+
+  `array` is ``[x, y, z, ...]``; `widths` pads the 3 spatial axes and `start`
+  is in padded coordinates. Only the box is read and written (one copy, a
+  new contiguous array): the padded array is never built, which for a
+  patch of a memory-mapped case means reading the patch, not the case.
+  """
+  out = np.zeros(tuple(size) + array.shape[3:], array.dtype)
+  source, target = [], []
+  for n, (before, _), s, p in zip(array.shape[:3], widths, start, size):
+    offset = int(s) - before  # where the box starts in `array`
+    lo, hi = max(offset, 0), min(offset + int(p), n)
+    source.append(slice(lo, hi))
+    target.append(slice(lo - offset, hi - offset))
+  out[tuple(target)] = array[tuple(source)]
+  return out
+
+
 def _pad(image: np.ndarray, label: np.ndarray | None, widths: PadWidths):
   if not any(b or a for b, a in widths):
     return image, label
-  image = np.pad(image, (*widths, (0, 0)))
-  label = np.pad(label, widths) if label is not None else None
+  shape = [n + b + a for n, (b, a) in zip(image.shape[:3], widths)]
+  image = _crop_padded(image, widths, (0, 0, 0), shape)
+  label = _crop_padded(label, widths, (0, 0, 0), shape) if label is not None else None
   return image, label
 
 
@@ -221,8 +242,9 @@ def sample_patch(
   Per-class foreground (`num_classes`, or `foreground` a mapping) first draws
   a class uniformly among the foreground classes present, then a voxel of it
   uniformly (nnU-Net); pooled foreground draws uniformly among all
-  foreground voxels. Volumes smaller than the patch are first zero-padded
-  (centred, :func:`pad_to_shape`).
+  foreground voxels. Volumes smaller than the patch are zero-padded
+  (centred, as :func:`pad_to_shape` does); only the patch is read and
+  copied, never the whole (padded) volume.
 
   The draws from `rng`: one ``random()`` (foreground or not); for a
   foreground patch an ``integers(c)`` for the class only if ``c > 1``
@@ -254,8 +276,7 @@ def sample_patch(
     foreground = foreground_voxels(label, num_classes)
   groups = _foreground_groups(foreground)
   widths = center_pad_widths(label.shape, patch_shape)
-  image, label = _pad(image, label, widths)
-  shape = np.asarray(label.shape)
+  shape = np.asarray(label.shape) + [b + a for b, a in widths]
   patch = np.asarray(patch_shape)
 
   if groups and rng.random() < foreground_fraction:
@@ -264,8 +285,8 @@ def sample_patch(
     start = np.clip(voxel - patch // 2, 0, shape - patch)
   else:
     start = rng.integers(0, shape - patch + 1)
-  box = tuple(slice(s, s + p) for s, p in zip(start, patch))
-  return np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box])
+  return (_crop_padded(image, widths, start, patch_shape),
+          _crop_padded(label, widths, start, patch_shape))
 
 
 def random_flip(
@@ -293,7 +314,22 @@ def random_flip(
     raise ValueError(f"axes must be distinct spatial axes in (0, 1, 2), got {axes}")
   flip = tuple(a for a, u in zip(axes, rng.random(len(axes))) if u < probability)
   if flip:
-    image = np.flip(image, flip)
+    image = _flipped(image, flip)
     label = np.flip(label, flip) if label is not None else None
   image = np.ascontiguousarray(image)
   return image, np.ascontiguousarray(label) if label is not None else None
+
+
+def _flipped(image: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+  """A contiguous copy of ``image: [x, y, z, c]`` flipped along `axes`.
+
+  With several channels each voxel is moved as one item (a void view of
+  its ``c`` values): numpy's copy of a flipped ``z`` axis otherwise runs an
+  inner loop of ``c`` elements per voxel, 1.5-2.5x slower here.
+  """
+  if image.shape[3] == 1 or not image.flags.c_contiguous:
+    return np.ascontiguousarray(np.flip(image, axes))
+  voxel = np.dtype((np.void, image.dtype.itemsize * image.shape[3]))
+  voxels = image.view(voxel)[..., 0]
+  flipped = np.ascontiguousarray(np.flip(voxels, axes))
+  return flipped.view(image.dtype).reshape(image.shape)

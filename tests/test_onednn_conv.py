@@ -38,7 +38,7 @@ def _numpy_conv(x, k, pads):
 
 
 def _loss_and_grads(conv, x, k, padding):
-  weights = jax.random.normal(jax.random.key(7), conv(x, k, padding).shape)
+  weights = helpers.normal(7, conv(x, k, padding).shape)
   return jax.jit(jax.value_and_grad(
       lambda x, k: jnp.sum(conv(x, k, padding) * weights), argnums=(0, 1)))(x, k)
 
@@ -128,7 +128,7 @@ def test_upconv_with_onednn_equals_the_einsum():
 
 
 def test_pooling_gradient_goes_to_each_maximum():
-  x = jax.random.normal(jax.random.key(1), (2, 4, 6, 2, 3))
+  x = helpers.normal(1, (2, 4, 6, 2, 3))
   x = x.at[0, :2, :2, :, 0].set(0.5)  # windows whose maxima are all tied
   tied = np.zeros(x.shape, bool)
   tied[0, :2, :2, :, 0] = True
@@ -136,7 +136,7 @@ def test_pooling_gradient_goes_to_each_maximum():
     out, vjp = jax.vjp(lambda x: unet3d._max_pool_to_maxima(x, window), x)
     ref_out, ref_vjp = jax.vjp(lambda x: unet3d._max_pool(x, window), x)
     np.testing.assert_array_equal(out, ref_out)
-    g = jax.random.normal(jax.random.key(2), out.shape)
+    g = helpers.normal(2, out.shape)
     (d_x,), (ref_d_x,) = vjp(g), ref_vjp(g)
     np.testing.assert_allclose(d_x[~tied], ref_d_x[~tied], rtol=1e-6)
     # a tied maximum gets the window's whole gradient, not its share

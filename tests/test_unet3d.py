@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from tests import helpers
 from tversky_jax.models import UNet3D, count_params, required_divisor
 from tversky_jax.models import unet3d
 
@@ -21,7 +22,7 @@ def _rngs(seed=0):
 
 
 def _input(batch=1, channels=3, size=(SIZE, SIZE, SIZE), seed=0):
-  return jax.random.normal(jax.random.key(seed), (batch, *size, channels))
+  return helpers.normal(seed, (batch, *size, channels))
 
 
 def _max_rel_diff(a, b):
@@ -255,7 +256,7 @@ def test_upconv_matches_conv_transpose(dtype):
     "padding", ["SAME", "VALID", ((1, 1), (0, 2), (2, 0))])
 def test_conv3d_as_2d_sum_matches_lax(padding):
   x = _input(batch=2, channels=4, size=(5, 6, 7))
-  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 6))
+  k = helpers.normal(1, (3, 3, 3, 4, 6))
   dn = ("NDHWC", "DHWIO", "NDHWC")
   ref = lax.conv_general_dilated(x, k, (1, 1, 1), padding, dimension_numbers=dn)
   out = unet3d.conv3d_as_2d_sum(x, k, (1, 1, 1), padding, dimension_numbers=dn)
@@ -269,9 +270,8 @@ def test_conv3d_as_2d_sum_matches_lax(padding):
 
 def test_pointwise_conv_matches_lax_values_and_gradients():
   # The logits head: a 1x1x1 convolution as one matrix product.
-  x = _input(batch=2, channels=4, size=(5, 6, 7))
-  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 4, 3))
-  g = jax.random.normal(jax.random.key(2), (2, 5, 6, 7, 3))
+  x, k, g, k3 = (helpers.normal(seed, shape) for seed, shape in enumerate(
+      [(2, 5, 6, 7, 4), (1, 1, 1, 4, 3), (2, 5, 6, 7, 3), (3, 3, 3, 4, 3)]))
   dn = ("NDHWC", "DHWIO", "NDHWC")
   ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1, 1), "SAME",
                                               dimension_numbers=dn)
@@ -284,13 +284,33 @@ def test_pointwise_conv_matches_lax_values_and_gradients():
     np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-5, atol=1e-4)
   # Forward mode works too (no custom VJP).
   jax.jvp(ours, (x, k), (x, k))
-  # Other kernels and strides fall back to lax.
-  k3 = jax.random.normal(jax.random.key(3), (3, 3, 3, 4, 3))
-  for strides in [(1, 1, 1), (2, 2, 2)]:
+  # Other kernels and strides fall back to lax (a stride-1 3x3x3 kernel
+  # would too; XLA:CPU takes seconds to compile its native convolution).
+  for kernel in (k, k3):
     np.testing.assert_allclose(
-        unet3d.pointwise_conv(x, k3, strides, "SAME", dimension_numbers=dn),
-        lax.conv_general_dilated(x, k3, strides, "SAME", dimension_numbers=dn),
+        unet3d.pointwise_conv(x, kernel, (2, 2, 2), "SAME", dimension_numbers=dn),
+        lax.conv_general_dilated(x, kernel, (2, 2, 2), "SAME", dimension_numbers=dn),
         rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16, 2), (3, 3, 3, 8, 8)])
+def test_kernel_initializers_equal_flax_bit_for_bit(shape):
+  # Drawn flat, at a power-of-two length (1024 and 2048 here), then cut and
+  # reshaped: the values of Flax's variance-scaling initialisers, compiled
+  # in a fraction of the time (Flax's own 5-D draws make this test slow).
+  key = jax.random.key(3)
+  pairs = [
+      (unet3d.truncated_normal_fan_in(1.0), nnx.initializers.lecun_normal()),
+      (unet3d.kernel_initializer("he"), nnx.initializers.variance_scaling(
+          2.0, "fan_in", "truncated_normal")),
+      (unet3d.upconv_kernel_initializer("he", "leaky_relu"),
+       nnx.initializers.variance_scaling(
+           2.0 / (1.0 + unet3d.LEAKY_RELU_SLOPE**2), "fan_in",
+           "truncated_normal", batch_axis=(0, 1, 2)))]
+  for ours, flax_init in pairs:
+    value = ours(key, shape)
+    assert value.shape == shape and value.dtype == jnp.float32
+    np.testing.assert_array_equal(value, flax_init(key, shape))
 
 
 def _same_state_layout(model_a, model_b):
@@ -308,7 +328,7 @@ def test_2d_sum_equals_native_with_shared_params():
       UNet3D(conv_impl="native", rngs=_rngs(), **kwargs),
       UNet3D(conv_impl="2d_sum", rngs=_rngs(1), **kwargs))
   x = _input(batch=2)
-  target = jax.random.normal(jax.random.key(5), (2, SIZE, SIZE, SIZE, 2))
+  target = helpers.normal(5, (2, SIZE, SIZE, SIZE, 2))
 
   @jax.jit(static_argnums=0)
   def loss_and_grad(graphdef, state, x):
@@ -674,8 +694,8 @@ def test_fused_instance_norm_and_activation_match_flax(activation):
   norm = nnx.InstanceNorm(3, scale_init=lambda *_, **__: scale,
                           bias_init=lambda *_, **__: bias, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(norm)
-  x = 2.0 + 3.0 * jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 3))
-  g = jax.random.normal(jax.random.key(1), x.shape)
+  x = 2.0 + 3.0 * helpers.normal(0, (2, 4, 3, 5, 3))
+  g = helpers.normal(1, x.shape)
 
   def ours(x, scale, bias):
     return unet3d._instance_norm_activate(x, scale, bias, norm.epsilon, slope)
@@ -698,8 +718,8 @@ def test_fused_instance_norm_gradient_as_accurate_as_flax_far_from_zero():
   # forms x - mean, which XLA would keep from the forward pass). With a
   # mean 100x the spread, its error against a float64 NumPy reference is
   # no larger than that of Flax's (both inherit the float32 statistics).
-  x = 50.0 + 0.5 * jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 3))
-  g = jax.random.normal(jax.random.key(1), x.shape)
+  x = 50.0 + 0.5 * helpers.normal(0, (2, 4, 3, 5, 3))
+  g = helpers.normal(1, x.shape)
   scale = jnp.array([1.5, -0.5, 0.8])
   norm = nnx.InstanceNorm(3, scale_init=lambda *_, **__: scale, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(norm)

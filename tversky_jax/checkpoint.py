@@ -79,6 +79,7 @@ class CheckpointManager:
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
     _silence_orbax_failure_reports()
+    _write_replicated_arrays_whole()
     self.directory = os.fspath(os.path.abspath(directory))
     self.best_metric = best_metric
     keep = [policies.LatestN(n=max_to_keep)]
@@ -370,6 +371,21 @@ def _unraisable_hook(unraisable: Any) -> None:
 
 _previous_unraisable_hook = sys.unraisablehook
 _FILTER = _OrbaxFailureFilter()
+
+
+def _write_replicated_arrays_whole() -> None:
+  """In a single process, replicated arrays are written from one device.
+
+  Orbax's default (replica-parallel saving, off by default on GPU only)
+  has every device write a slice of each replicated array, which pays off
+  when the replicas live on different hosts. In one process every slice is
+  written by the same process anyway, and on CPU cutting them compiled
+  about 100 small slicing programs: the first save of the tests' tiny
+  model took 2.7 s instead of 0.5 s in a fresh process."""
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+        override=True)
 
 
 def _silence_orbax_failure_reports() -> None:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import struct
+import subprocess
 import sys
 import types
 
@@ -33,6 +34,7 @@ try:
 except ImportError:
   real_tensorboardx = None
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 16)
 CLASS_NAMES = ("background", "lesion")
 
@@ -204,6 +206,35 @@ def test_metric_writer_without_tensorboard_writes_no_images(tmp_path,
                                         enabled=False)
   disabled.write_images(1, {"a": np.zeros((2, 2, 3), np.uint8)})
   disabled.close()
+
+
+def test_tensorboard_does_not_load_torch(tmp_path):
+  # tensorboardX imports torch when it can (4 s with PyTorch installed);
+  # the writer hides it during that import only. A stand-in torch package
+  # records whether it was imported.
+  fake_torch = tmp_path / "site" / "torch"
+  fake_torch.mkdir(parents=True)
+  marker = tmp_path / "torch_imported"
+  (fake_torch / "__init__.py").write_text(
+      f"open({str(marker)!r}, 'a').write('imported')\n")
+  script = (
+      "import sys\n"
+      "from tversky_jax import metric_writer\n"
+      f"writer = metric_writer.MetricWriter({str(tmp_path)!r})\n"
+      "writer.write(1, {'train/loss': 0.5})\n"
+      "writer.close()\n"
+      "assert writer.takes_images is not None\n"
+      "print('torch' in sys.modules, flush=True)\n"
+      "import torch  # still importable afterwards\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(tmp_path / "site"), ROOT]))
+  out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False"]
+  assert marker.read_text() == "imported"  # once: by the script's own import
+  if real_tensorboardx is not None:
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.*"))
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,9 @@ class MetricWriter:
     if not enabled:
       return
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:
-      self._tb = None
+    summary_writer = _tensorboardx_summary_writer()
+    if summary_writer is not None:
+      self._tb = summary_writer(os.path.join(workdir, "tensorboard"))
 
   @property
   def takes_images(self) -> bool:
@@ -77,3 +75,24 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _tensorboardx_summary_writer():
+  """tensorboardX's ``SummaryWriter`` class, or None when not installed.
+
+  tensorboardX imports torch when it can, only to accept torch tensors,
+  which we never pass: with PyTorch installed (as for most MONAI users)
+  that took 4 s of every training run's start here. Unless torch is loaded
+  already, it is hidden while tensorboardX is imported, and only then.
+  """
+  hide_torch = "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None  # ``import torch`` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if hide_torch:
+      del sys.modules["torch"]

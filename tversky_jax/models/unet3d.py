@@ -212,11 +212,12 @@ def truncated_normal_fan_in(scale: float, spatial_in_fan: bool = True
   He (Kaiming) normal.
 
   The values are drawn as the start of a flat vector whose length is the
-  next power of two, then reshaped. Partitionable threefry counts in
-  row-major order, so they are the same; but XLA:CPU compiles a 5-D draw in
-  3-11 s per kernel shape, a flat one in about 0.4 s per length, and the
-  power-of-two lengths are shared by most kernels of a network and by
-  every network of a process (the tests build many).
+  next power of two, then reshaped. Partitionable threefry (JAX's default,
+  ``jax_threefry_partitionable``) counts in row-major order, so they are
+  the same; but XLA:CPU compiles a 5-D draw in 3-11 s per kernel shape, a
+  flat one in about 0.4 s per length, and the power-of-two lengths are
+  shared by most kernels of a network and by every network of a process
+  (the tests build many).
   """
 
   def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -360,7 +361,7 @@ def _instance_norm_activate_backward(epsilon, slope, residuals, g):
   dz = _leaky_grad_from_output(y, g, slope).astype(jnp.float32)
   # Written without x - mean: XLA would share that tensor with the forward
   # pass's and keep it from there until here, one more tensor per layer
-  # (the default recipe's 1 x 64^3 step: 321 -> ... MB).
+  # (the default recipe's 1 x 64^3 step: 321 -> 236 MB of temporaries).
   sum_dz = jnp.sum(dz, axis=(1, 2, 3), keepdims=True)
   sum_dz_x = jnp.sum(dz * x, axis=(1, 2, 3), keepdims=True)
   sum_dz_x_hat = r * (sum_dz_x - mean * sum_dz)
@@ -513,7 +514,6 @@ conv3d_as_2d_sum = _drop_in(_conv3d_as_2d_sum)
 conv3d_onednn = _drop_in(_conv3d_onednn)
 
 
-# What each ``conv_impl`` calls in place of ``lax.conv_general_dilated``.
 def _pointwise_conv(lhs: Array, rhs: Array,
                     pads: tuple[tuple[int, int], ...], precision: Any,
                     preferred_element_type: Any) -> Array:
@@ -538,6 +538,7 @@ def _pointwise_conv(lhs: Array, rhs: Array,
 
 pointwise_conv = _drop_in(_pointwise_conv)
 
+# What each ``conv_impl`` calls in place of ``lax.conv_general_dilated``.
 CONV_FUNCTIONS = {"native": lax.conv_general_dilated,
                   "2d_sum": conv3d_as_2d_sum,
                   "onednn": conv3d_onednn}

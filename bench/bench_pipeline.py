@@ -12,9 +12,10 @@ shapes: whole volumes (batch 1, zero-padded to a multiple of 16) and
 2 x 128^3 patches (one third centred on foreground), with 0 (a background
 thread) and with N grain worker processes. As in the default config, the
 pipeline does not flip (the train step mirrors on the device);
-`--random-flip` adds the host flips of `config.data.random_flip`. Each figure is batches/s over
-`--batches` batches after `--warmup` batches, i.e. what the pipeline can
-feed; compare it with 1 / (train-step time) of the device.
+`--random-flip` adds the host flips of `config.data.random_flip`. Each
+figure is batches/s over `--batches` batches after `--warmup` batches, i.e.
+what the pipeline can feed; compare it with 1 / (train-step time) of the
+device.
 """
 
 import argparse

@@ -10,6 +10,10 @@ from tversky_jax import train_state
 from tversky_jax import checkpoint
 from tversky_jax import parallel
 
+# The repository root: where train.py is, the working directory of the
+# subprocesses the tests start.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def normal(seed, shape):
   """``jax.random.normal(jax.random.key(seed), shape)``, the same values,

@@ -15,12 +15,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.helpers import subprocess_env, tiny_train_flags
+from tests.helpers import ROOT, subprocess_env, tiny_train_flags
 from tversky_jax import evaluate
 from tversky_jax import plot_run
 from tversky_jax import predict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _copy(dataset, tmp_path, name):

@@ -25,13 +25,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import (saved_params, subprocess_env, tiny_config,
+from tests.helpers import (ROOT, saved_params, subprocess_env, tiny_config,
                            tiny_train_flags)
 from tversky_jax import checkpoint
 from tversky_jax import train_lib
 
 shutil_usage = collections.namedtuple("shutil_usage", "total used free")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENOSPC = ("RESOURCE_EXHAUSTED: Failed writing: Failed to write 9600 bytes "
            "to file 14: No space left on device [os_error_code='28']")
 

@@ -5,7 +5,6 @@ Two processes with two CPU devices each run JAX's multi-controller runtime
 ``train.py``: the code path of a multi-host GPU or TPU job.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,10 @@ import time
 import numpy as np
 import portpicker
 
-from tests.helpers import saved_params, subprocess_env, tiny_config, tiny_train_flags
+from tests.helpers import (ROOT, saved_params, subprocess_env, tiny_config,
+                           tiny_train_flags)
 from tversky_jax import train_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def two_process_job(tiny_dataset, workdir, tmp_path, **overrides):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import saved_params, tiny_config
+from tests.helpers import ROOT, saved_params, tiny_config
 from tversky_jax import training_data
 from tversky_jax import train_state
 from tversky_jax import configuration
@@ -24,7 +24,6 @@ from tversky_jax import checkpoint
 from tversky_jax import parallel
 from tversky_jax import train_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_same_params(got, expected, rtol, atol):

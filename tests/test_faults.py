@@ -120,6 +120,11 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(
                            "intact"):
     manager.save(2, {"w": state["w"] + 1}, data_state={"pos": 2}, meta={})
     manager.wait()
+  # As a stopping run does: the failed write's clean-up in orbax's
+  # background threads ends here, before the directory is opened again (it
+  # raced with the new manager's removal of the same temporary folder).
+  with contextlib.suppress(checkpoint.CheckpointError):
+    manager.close()
   disk.free()
   manager = checkpoint.CheckpointManager(
       os.path.join(disk.path, "ckpt"), max_to_keep=1, best_metric=None,

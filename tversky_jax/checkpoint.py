@@ -19,6 +19,7 @@ truncated file) is skipped with a warning and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -132,8 +133,15 @@ class CheckpointManager:
         f"({reason}); the checkpoints already on disk are intact")
 
   def close(self) -> None:
-    self.wait()
-    self._manager.close()
+    """Waits for pending writes, then releases orbax's background threads,
+    also when a pending write failed (its CheckpointError is raised once
+    they are released): a failed write's clean-up must not run on while
+    another manager opens the same directory."""
+    try:
+      self.wait()
+    finally:
+      with contextlib.suppress(Exception):  # the same failure, if any
+        self._manager.close()
 
   def all_steps(self) -> list[int]:
     self._manager.reload()

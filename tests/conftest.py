@@ -14,6 +14,7 @@ tiny train step about 3x faster, but with it the tiny run's loss turned NaN
 at step 3 where the default level trains normally (jaxlib 0.10.2, CPU).
 """
 
+import collections
 import os
 
 _FLAGS = ("--xla_force_host_platform_device_count=4",
@@ -26,6 +27,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the XLA flag on purpose)
 
+StraightRun = collections.namedtuple("StraightRun", "step params")
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
@@ -37,17 +40,43 @@ def tiny_dataset(tmp_path_factory):
   return str(root)
 
 
+def _session_folder(tmp_path_factory):
+  """A folder all pytest-xdist workers of this test session share."""
+  base = tmp_path_factory.getbasetemp()
+  # Under pytest-xdist each worker's base temp is <run>/popen-gwN.
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def straight_run(tiny_dataset, tmp_path_factory):
-  """An uninterrupted 6-step run on all 4 devices: (workdir, step, params)."""
-  from tests import helpers  # pylint: disable=import-outside-toplevel
-  from tversky_jax import train_lib  # pylint: disable=import-outside-toplevel
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  config = helpers.tiny_config(tiny_dataset)
-  summary = train_lib.train_and_evaluate(config, workdir, progress=False)
-  assert summary.step == 6 and not summary.interrupted
-  step, params = helpers.saved_params(workdir, config)
-  return workdir, step, params
+  """An uninterrupted 6-step run on all 4 devices: (step, params).
+
+  Trained once per test session: the first pytest-xdist worker that needs
+  it trains while holding a lock and saves the result; the others wait for
+  it and read that file (their tiny datasets are identical: same seed).
+  """
+  # pylint: disable=import-outside-toplevel
+  import fcntl
+  import numpy as np
+  from tests import helpers
+  from tversky_jax import train_lib
+  # pylint: enable=import-outside-toplevel
+  folder = _session_folder(tmp_path_factory)
+  saved = folder / "straight_run.npz"
+  with open(folder / "straight_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not saved.exists():
+      workdir = str(tmp_path_factory.mktemp("straight"))
+      config = helpers.tiny_config(tiny_dataset)
+      summary = train_lib.train_and_evaluate(config, workdir, progress=False)
+      assert summary.step == 6 and not summary.interrupted
+      step, params = helpers.saved_params(workdir, config)
+      partial = folder / "straight_run.partial.npz"
+      np.savez(partial, step, *params)
+      os.replace(partial, saved)
+  with np.load(saved) as arrays:
+    step, *params = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+  return StraightRun(int(step), params)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,13 +89,10 @@ def compilation_cache(tmp_path_factory):
   the tests start.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  # Under pytest-xdist each worker's base temp is <run>/popen-gwN: the
-  # workers share <run>/jax_cache. JAX does not write entries atomically,
+  # The pytest-xdist workers share it. JAX does not write entries atomically,
   # but an entry read while another process writes it fails to decode, and
   # JAX then warns and compiles (jax_raise_persistent_cache_errors is off).
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
+  base = _session_folder(tmp_path_factory)
   path = str(base / "jax_cache")
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)

@@ -5,10 +5,11 @@ import os
 import jax
 import numpy as np
 
-from configs import default
 from tversky_jax import train_state
 from tversky_jax import checkpoint
 from tversky_jax import parallel
+# Re-exported: the tests take it from here with the other helpers.
+from tests.tiny_config import tiny_config  # noqa: F401
 
 # The repository root: where train.py is, the working directory of the
 # subprocesses the tests start.
@@ -30,34 +31,6 @@ def subprocess_env(devices=4):
            if not f.startswith("--xla_force_host_platform_device_count")]
   flags.append(f"--xla_force_host_platform_device_count={devices}")
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
-
-
-def tiny_config(dataset_root, **overrides):
-  """A config that trains in seconds on 24^3 phantoms; keys are dotted."""
-  config = default.get_config()
-  config.data.root = str(dataset_root)
-  config.data.num_val_cases = 1
-  config.data.patch_shape = (16, 16, 16)
-  config.model.base_features = 4
-  config.model.depth = 2
-  # Off unless a test is about it: tracing and compiling the augmentation
-  # costs more than the rest of the tiny train step.
-  config.augment.enabled = False
-  config.optimizer.learning_rate = 1e-3
-  config.train.batch_size = 4
-  config.train.num_steps = 6
-  config.train.log_every = 2
-  config.train.eval_every = 0
-  config.train.checkpoint_every = 2
-  config.inference.window = (16, 16, 16)
-  config.inference.batch_size = 4
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
 
 
 def tiny_train_flags(dataset_root, workdir, **overrides):

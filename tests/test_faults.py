@@ -156,7 +156,7 @@ def test_full_disk_stops_training_and_the_run_resumes_exactly(
   assert summary.step == 6 and not summary.interrupted
   step, params = saved_params(workdir, config)
   assert step == 6
-  for a, b in zip(params, straight_run[2]):
+  for a, b in zip(params, straight_run.params):
     np.testing.assert_array_equal(a, b)
 
 
@@ -240,7 +240,7 @@ def test_sigkill_anywhere_resumes_from_a_committed_checkpoint(
   assert "Done: 6 steps" in text
   step, params = saved_params(str(workdir), tiny_config(tiny_dataset))
   assert step == 6
-  for a, b in zip(params, straight_run[2]):
+  for a, b in zip(params, straight_run.params):
     np.testing.assert_array_equal(a, b)
 
 

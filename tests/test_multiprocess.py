@@ -52,8 +52,8 @@ def test_two_processes_equal_one_process_and_stop_together_on_sigterm(
   assert "Done: 6 steps" in logs[0]
   assert "Done: 6 steps" not in logs[1]  # only process 0 reports
   step, params = saved_params(str(workdir), tiny_config(tiny_dataset))
-  assert step == straight_run[1] == 6
-  for a, b in zip(params, straight_run[2]):
+  assert step == straight_run.step == 6
+  for a, b in zip(params, straight_run.params):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
   metrics = workdir / "metrics.jsonl"

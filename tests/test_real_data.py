@@ -105,12 +105,16 @@ def test_paper_network_without_normalisation_learns_on_a_tiny_case(
   """No normalisation, Tversky loss, whole volumes: with He initialisation,
   warm-up and clipping it does not collapse (the loss falls, the gradient
   stays), for several seeds."""
+  # The learning rate is well inside the stable range: at 3e-3 seed 1 went
+  # to the all-background state at step ~13 or learnt depending only on the
+  # float rounding of the gradient's global norm (summation order); at 2e-3
+  # seeds 0-3 learn with either rounding, the loss down by 0.19-0.51.
   for seed in (0, 1, 2):
     config = tiny_config(tiny_dataset, **{
         "seed": seed, "model.normalization": "none",
         "loss.name": "tversky", "augment.enabled": False,
         "data.preprocess": False, "data.patch_shape": (),
-        "inference.window": (), "optimizer.learning_rate": 3e-3,
+        "inference.window": (), "optimizer.learning_rate": 2e-3,
         "optimizer.warmup_steps": 5, "train.num_steps": 40,
         "train.log_every": 1, "train.checkpoint_every": 0,
         "train.stuck_patience": 0})

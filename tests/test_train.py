@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.helpers import ROOT, saved_params, tiny_config
@@ -22,6 +23,7 @@ from tversky_jax import train_state
 from tversky_jax import configuration
 from tversky_jax import checkpoint
 from tversky_jax import parallel
+from tversky_jax import predict
 from tversky_jax import train_lib
 
 
@@ -34,7 +36,7 @@ def assert_same_params(got, expected, rtol, atol):
 
 def test_data_parallel_run_equals_single_device(tiny_dataset, straight_run,
                                                 tmp_path):
-  _, _, params_four = straight_run
+  params_four = straight_run.params
   # The same convolution as the four-device run ("auto" would pick oneDNN
   # for one device, whose float rounding differs: after six Adam steps up
   # to 3e-6 on parameters of 1e-4, which is not what this test is about).
@@ -61,7 +63,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
   assert not second.interrupted and second.step == 6
   step, params = saved_params(str(tmp_path), config)
   assert step == 6
-  assert_same_params(params, straight_run[2], rtol=0, atol=0)
+  assert_same_params(params, straight_run.params, rtol=0, atol=0)
 
 
 def test_resumed_run_draws_the_same_augmentations(tiny_dataset, straight_run,
@@ -85,7 +87,7 @@ def test_resumed_run_draws_the_same_augmentations(tiny_dataset, straight_run,
   # The augmentation changed what the network saw: far more than the 1e-4
   # by which one device and four differ without it.
   assert any(not np.allclose(a, b, rtol=1e-2, atol=1e-4)
-             for a, b in zip(expected, straight_run[2]))
+             for a, b in zip(expected, straight_run.params))
 
 
 def test_sigterm_saves_and_the_rerun_equals_uninterrupted(
@@ -108,8 +110,8 @@ def test_sigterm_saves_and_the_rerun_equals_uninterrupted(
   monkeypatch.undo()
   summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   assert summary.step == 6 and not summary.interrupted
-  assert_same_params(saved_params(str(tmp_path), config)[1], straight_run[2],
-                     rtol=0, atol=0)
+  assert_same_params(saved_params(str(tmp_path), config)[1],
+                     straight_run.params, rtol=0, atol=0)
 
 
 def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
@@ -327,6 +329,56 @@ def test_resuming_with_other_input_channels_is_a_clear_error(
                            r"channels \['T1', 'T2', 'FLAIR'\]"):
     train_lib.train_and_evaluate(config, str(tmp_path / "run"),
                                  progress=False)
+
+
+def test_the_optimizer_state_is_one_vector_and_updates_like_per_parameter():
+  config = tiny_config("unused", **{"optimizer.grad_clip_norm": 0.5})
+  params = {"kernel": jnp.ones((3, 3, 3, 2, 4)), "bias": jnp.zeros(4),
+            "head": {"kernel": jnp.ones((1, 1, 1, 4, 2))}}
+  flat = train_state.make_optimizer(config)
+  # The same chain per parameter: what make_optimizer built before it
+  # flattened the parameters (optax's own clip and adam).
+  per_parameter = optax.chain(optax.clip_by_global_norm(0.5),
+                              optax.adam(train_state.make_schedule(config)))
+
+  @jax.jit
+  def three_updates(params):
+    flat_state, state = flat.init(params), per_parameter.init(params)
+    updates = []
+    for i in range(3):
+      grads = jax.tree.map(lambda p, i=i: jnp.cos(
+          jnp.arange(p.size, dtype=p.dtype) + i).reshape(p.shape), params)
+      flat_update, flat_state = flat.update(grads, flat_state, params)
+      update, state = per_parameter.update(grads, state, params)
+      updates.append((flat_update, update))
+    return flat_state, updates
+
+  flat_state, updates = three_updates(params)
+  assert {x.shape for x in jax.tree.leaves(flat_state)} == {(), (228,)}
+  for flat_update, update in updates:
+    for a, b in zip(jax.tree.leaves(flat_update), jax.tree.leaves(update)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_resuming_a_checkpoint_of_an_earlier_state_format_is_a_clear_error(
+    tiny_dataset, tmp_path, monkeypatch):
+  """A run saved with the optimizer's state per parameter (tversky_jax
+  before STATE_FORMAT 2) cannot continue training; its model still predicts."""
+  config = tiny_config(tiny_dataset, **{"train.num_steps": 1})
+  with monkeypatch.context() as old_version:
+    old_version.setattr(train_state.optax, "flatten", lambda tx: tx)
+    old_version.setattr(train_state, "STATE_FORMAT", 1)
+    old_version.setattr(train_state, "_STEPS", {})  # steps of another state
+    train_lib.train_and_evaluate(config, str(tmp_path), progress=False,
+                                 devices=jax.devices()[:1])
+  config.train.num_steps = 2
+  with pytest.raises(train_lib.ConfigError,
+                     match="written by an earlier tversky_jax .*format 1.* "
+                           "reads 2.* predict.py still reads their model"):
+    train_lib.train_and_evaluate(config, str(tmp_path), progress=False,
+                                 devices=jax.devices()[:1])
+  predictor = predict.load_predictor(tmp_path, checkpoint="latest")
+  assert predictor.num_classes == 2
 
 
 def test_best_checkpoint_ignores_missing_and_nan_metrics(tmp_path):

@@ -244,6 +244,24 @@ def check_same_channels(saved: Sequence[str] | None,
         "on; use another --workdir.")
 
 
+def check_state_format(saved: int | None, current: int, workdir: str) -> None:
+  """Raises ConfigError when ``workdir``'s checkpoints store the train state
+  in another layout than this version writes (``train_state.STATE_FORMAT``).
+
+  Args:
+    saved: the ``state_format`` stored with the run's latest checkpoint
+      (None: written before the number existed).
+    current: the layout this version reads and writes.
+  """
+  if saved != current:
+    raise ConfigError(
+        f"--workdir={workdir}: its checkpoints were written by an earlier "
+        f"tversky_jax (train-state format {saved or 1}, this version reads "
+        f"{current}: the optimizer's state is now one vector) and cannot "
+        "continue training; predict.py still reads their model. Use another "
+        "--workdir to train.")
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Writes ``workdir/config.json``; True when it replaced a different one."""
   path = os.path.join(workdir, "config.json")

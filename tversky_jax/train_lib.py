@@ -156,9 +156,13 @@ class _Run:
     latest = self.manager.latest_step()
     if latest is not None:
       configuration.check_resumable(config, workdir)
+      meta = self._saved_meta(latest)
       configuration.check_same_channels(
-          self._saved_channels(latest), self.data.dataset.channel_names,
+          meta.get("channel_names"), self.data.dataset.channel_names,
           str(self.data.dataset.root), workdir)
+      if meta:  # an unreadable one is reported when restoring
+        configuration.check_state_format(
+            meta.get("state_format"), train_state_lib.STATE_FORMAT, workdir)
     if self.is_lead and configuration.write_config(config, workdir):
       _log(f"note: the config differs from the one in {workdir}/config.json; "
            "the run continues from its checkpoint with the new config.")
@@ -173,11 +177,11 @@ class _Run:
     self.step = self.saved_step = self.start_step
     self.writer = MetricWriter(workdir, enabled=self.is_lead)
 
-  def _saved_channels(self, step):
+  def _saved_meta(self, step) -> dict:
     try:
-      return self.manager.restore_meta(step).get("channel_names")
+      return self.manager.restore_meta(step)
     except checkpoint_lib.CheckpointError:
-      return None  # unreadable: restoring reports it and takes an older one
+      return {}  # unreadable: restoring reports it and takes an older one
 
   def train(self, stop_after, stop_signal) -> None:
     """Steps until ``train.num_steps``, ``stop_after`` or a stop signal."""
@@ -259,6 +263,7 @@ class _Run:
               "channel_names": list(self.data.dataset.channel_names),
               "class_names": training_data.class_names(self.data.dataset),
               "model": self.spec.to_dict(),
+              "state_format": train_state_lib.STATE_FORMAT,
               "plan": self.data.plan.to_json() if self.data.plan else None,
               "dataset_root": os.path.abspath(self.config.data.root)},
         metrics=metrics)

@@ -1,5 +1,6 @@
 """oneDNN's 3D convolutions (tversky_jax.models.onednn_conv) against lax and NumPy."""
 
+import concurrent.futures
 import os
 import warnings
 
@@ -256,3 +257,22 @@ def test_library_is_built_once_and_reused():
   # Only the other pytest-xdist worker may still be writing its own copy.
   assert not list(cache.glob(f"*.{os.getpid()}.tmp"))
   assert len(built) == 1
+
+
+def test_processes_building_at_once_compile_once(tmp_path, monkeypatch):
+  """Three builds start together (as the processes of a job on one host
+  do); the compiler runs once and all three get its library."""
+  monkeypatch.setenv("TVERSKY_JAX_CACHE", str(tmp_path / "cache"))
+  runs = tmp_path / "runs"
+  compiler = tmp_path / "fake-c++"  # logs each run, writes the -o file
+  compiler.write_text(f"""#!/bin/sh
+echo run >> {runs}
+sleep 0.5
+while [ $# -gt 1 ]; do [ "$1" = -o ] && : > "$2"; shift; done
+""")
+  compiler.chmod(0o755)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    built = list(pool.map(
+        lambda _: onednn_conv._build(str(compiler), tmp_path), range(3)))
+  assert len(set(built)) == 1 and built[0].exists()
+  assert runs.read_text().split() == ["run"]

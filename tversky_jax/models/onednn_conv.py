@@ -71,8 +71,11 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str, root: Path) -> Path:
   """Compiles the handlers once per (source, jaxlib, oneDNN, compiler) and
-  returns the shared library's path. Safe when processes build at once: each
-  writes its own file and renames it into place."""
+  returns the shared library's path. Processes that start at once (the
+  processes of a multi-process job on one host, test workers) compile it
+  once: the first holds a lock file next to the library while it compiles,
+  the others wait for it and load its library."""
+  import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
   key = hashlib.sha256(b"\0".join([
       SOURCE.read_bytes(), jaxlib.__version__.encode(),
       str((root / "lib/libdnnl.so").resolve()).encode(), compiler.encode(),
@@ -81,6 +84,16 @@ def _build(compiler: str, root: Path) -> Path:
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
+  with open(library.with_suffix(".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not library.exists():
+      _compile(compiler, root, library)
+  return library
+
+
+def _compile(compiler: str, root: Path, library: Path) -> None:
+  """Writes ``library`` from SOURCE (into a temporary file renamed into
+  place, so no process ever loads a partial one)."""
   partial = library.with_suffix(f".{os.getpid()}.tmp")
   command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
              f"-I{jax.ffi.include_dir()}", f"-I{root / 'include'}",
@@ -92,7 +105,6 @@ def _build(compiler: str, root: Path) -> Path:
     last = (result.stderr.strip().splitlines() or ["no output"])[-1]
     raise RuntimeError(f"{compiler} failed: {last}")
   os.replace(partial, library)
-  return library
 
 
 @functools.cache

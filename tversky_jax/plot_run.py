@@ -163,6 +163,19 @@ def _decorate(axes, metrics: Sequence[str], window: int,
     ax.grid(True, alpha=0.3)
 
 
+def _place_panels(fig, num_rows: int, num_cols: int) -> None:
+  """Fixed margins in inches: room for tick labels, titles and the legend
+  above. ``tight_layout`` measures every label by drawing the figure once
+  more: with it, the 8 panels of a run's curves took a median 2.1-2.3 s to
+  write on a 2-core CPU, 1.1-1.2 s with these margins (every training run
+  writes them when it ends)."""
+  width, height = fig.get_figwidth(), fig.get_figheight()
+  fig.subplots_adjust(left=0.75 / width, right=1 - 0.3 / width,
+                      bottom=0.5 / height, top=1 - 0.8 / height,
+                      wspace=0.9 / (width / num_cols - 0.9),
+                      hspace=0.85 / ((height - 1.3) / num_rows - 0.85))
+
+
 def plot_curves(workdirs: Sequence[str | os.PathLike[str]],
                 out_path: str | os.PathLike[str], *,
                 smoothing: int = SMOOTHING) -> Path:
@@ -210,7 +223,7 @@ def plot_curves(workdirs: Sequence[str | os.PathLike[str]],
                 Line2D([], [], color="k", linestyle="--", label="pooled")]
   fig.legend(handles=handles, loc="upper center", ncols=min(5, len(handles)),
              frameon=False)
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+  _place_panels(fig, num_rows, num_cols)
   out_path = Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out_path)

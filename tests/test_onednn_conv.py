@@ -2,6 +2,9 @@
 
 import concurrent.futures
 import os
+import pathlib
+import subprocess
+import time
 import warnings
 
 import jax
@@ -263,16 +266,18 @@ def test_processes_building_at_once_compile_once(tmp_path, monkeypatch):
   """Three builds start together (as the processes of a job on one host
   do); the compiler runs once and all three get its library."""
   monkeypatch.setenv("TVERSKY_JAX_CACHE", str(tmp_path / "cache"))
-  runs = tmp_path / "runs"
-  compiler = tmp_path / "fake-c++"  # logs each run, writes the -o file
-  compiler.write_text(f"""#!/bin/sh
-echo run >> {runs}
-sleep 0.5
-while [ $# -gt 1 ]; do [ "$1" = -o ] && : > "$2"; shift; done
-""")
-  compiler.chmod(0o755)
+  runs = []
+
+  def compiler(command, **kwargs):  # a stand-in: logs, waits, writes -o
+    del kwargs
+    runs.append(command[0])
+    time.sleep(0.2)  # room for the others to start (not needed to pass)
+    pathlib.Path(command[command.index("-o") + 1]).write_bytes(b"")
+    return subprocess.CompletedProcess(command, 0, "", "")
+
+  monkeypatch.setattr(onednn_conv.subprocess, "run", compiler)
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     built = list(pool.map(
-        lambda _: onednn_conv._build(str(compiler), tmp_path), range(3)))
+        lambda _: onednn_conv._build("c++", tmp_path), range(3)))
   assert len(set(built)) == 1 and built[0].exists()
-  assert runs.read_text().split() == ["run"]
+  assert runs == ["c++"]

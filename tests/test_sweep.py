@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from configs import sweep as sweep_config
+from tests.tiny_config import override
 from tversky_jax import configuration
 from tversky_jax import predict
 from tversky_jax import report as report_lib
@@ -49,14 +50,7 @@ TINY = {
 
 
 def tiny_config(**changes):
-  config = sweep_config.get_config()
-  for key, value in {**TINY, **changes}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return override(sweep_config.get_config(), **{**TINY, **changes})
 
 
 def cli_flags(workdir, **changes):

@@ -27,7 +27,12 @@ def tiny_config(dataset_root, **overrides):
   config.train.checkpoint_every = 2
   config.inference.window = (16, 16, 16)
   config.inference.batch_size = 4
-  for key, value in overrides.items():
+  return override(config, **overrides)
+
+
+def override(config, **dotted):
+  """Sets ``config``'s keys given as dotted names ("train.num_steps")."""
+  for key, value in dotted.items():
     node = config
     *parents, leaf = key.split(".")
     for part in parents:

@@ -60,17 +60,13 @@ def main(argv):
   # flag is reported without loading orbax, grain and the trainer (~1.5 s).
   # pylint: disable=g-import-not-at-top
   from tversky_jax import train_lib
-  from tversky_jax.checkpoint import CheckpointError
-  from tversky_jax.data.nifti import DatasetError
   # pylint: enable=g-import-not-at-top
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(
           flags.FLAGS["config"].config_filename))[0])
   try:
     summary = train_lib.train_and_evaluate(config, workdir)
-  except (train_lib.ConfigError, train_lib.TrainingDiverged,
-          train_lib.TrainingStuck, DatasetError,
-          CheckpointError) as error:
+  except train_lib.USER_ERRORS as error:
     sys.exit(f"error: {error}")
   if not summary.interrupted and jax.process_index() == 0:
     print(f"Done: {summary.step} steps, workdir {os.path.abspath(workdir)}")

@@ -2,8 +2,12 @@
 
 Each one must end with a non-zero exit status, no traceback, and a message
 that names the file, case, flag or config key at fault. train.py runs as a
-subprocess (several at once: starting JAX dominates); the other commands are
-called through their ``main(argv)``, which is what their console scripts run.
+subprocess (several at once: starting JAX dominates) for the errors of its
+flags and config, one dataset error and one sweep error; what the trainer
+finds in the data and the workdir is checked in-process (it raises one of
+``train_lib.USER_ERRORS``, which train.py prints as one line); the other
+commands are called through their ``main(argv)``, which is what their
+console scripts run.
 """
 
 import os
@@ -11,14 +15,16 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, subprocess_env, tiny_train_flags
+from tests.helpers import ROOT, subprocess_env, tiny_config, tiny_train_flags
 from tversky_jax import evaluate
 from tversky_jax import plot_run
 from tversky_jax import predict
+from tversky_jax import train_lib
 
 
 
@@ -34,58 +40,53 @@ def _rewrite(path, change):
   nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
 
 
-def _train_cases(tiny_dataset, tmp_path):
-  """(name, python arguments, text the message must contain)."""
-  broken = _copy(tiny_dataset, tmp_path, "broken")  # every problem at once
+def _broken_dataset(tiny_dataset, tmp_path):
+  """A copy of the tiny dataset with a blank scan, a label value of 7 and a
+  missing label: every problem must be named at once."""
+  broken = _copy(tiny_dataset, tmp_path, "broken")
   _rewrite(broken / "imagesTr" / "case_001_0001.nii.gz", np.zeros_like)
   _rewrite(broken / "labelsTr" / "case_002.nii.gz",
            lambda x: np.where(x > 0, 7, x).astype(x.dtype))
   (broken / "labelsTr" / "case_000.nii.gz").unlink()
-  bad_json = _copy(tiny_dataset, tmp_path, "bad_json")
-  (bad_json / "dataset.json").write_text("{not json")
-  junk = tmp_path / "junk_run"
-  (junk / "checkpoints" / "2").mkdir(parents=True)
-  (junk / "checkpoints" / "2" / "state").write_text("junk")
-  a_file = tmp_path / "a_file"
-  a_file.write_text("")
+  return broken
+
+
+def _command_cases(tiny_dataset, tmp_path):
+  """(name, python arguments, text the message must contain): what fails
+  while the flags and the config are read, before the trainer is imported,
+  and one dataset error and one sweep error, through the real commands."""
+  broken = _broken_dataset(tiny_dataset, tmp_path)
+  no_get_config = tmp_path / "no_get_config.py"
+  no_get_config.write_text("x = 1\n")
   run = str(tmp_path / "run")
 
-  def flags(root=tiny_dataset, workdir=run, **overrides):
-    return ["train.py"] + tiny_train_flags(root, workdir, **overrides)
+  def flags(root=tiny_dataset, **overrides):
+    return ["train.py"] + tiny_train_flags(root, run, **overrides)
 
-  sweep_config = tmp_path / "sweep_config.py"
-  sweep_config.write_text("x = 1\n")
   sweep = ["-m", "tversky_jax.experiments.sweep", f"--workdir={tmp_path}"]
-
   return [
       ("unknown key", flags(**{"loss.betta": 0.7}), "--config.loss.betta"),
       ("unknown key, default config", ["train.py", "--config.loss.betta=1"],
        "--config.loss.betta"),
       ("bad value type", flags(**{"loss.beta": "abc"}), "--config.loss.beta"),
-      ("negative beta", flags(**{"loss.beta": -1}), "config.loss.beta=-1"),
+      ("negative beta", flags(**{"loss.beta": -1}),
+       "error: config.loss.beta=-1.0: beta (false-negative weight) must be "
+       ">= 0."),
       ("missing config file", ["train.py", "--config", "configs/nothere.py"],
        "configs/nothere.py"),
+      ("config without get_config", ["train.py", "--config",
+                                     str(no_get_config)], "get_config"),
       ("unknown flag", flags() + ["--bogus"], "bogus"),
-      ("missing dataset", flags(root=tmp_path / "nowhere"),
-       "config.data.root"),
       ("blank scan", flags(root=broken), "imagesTr/case_001_0001.nii.gz"),
       ("label value", flags(root=broken), "labelsTr/case_002.nii.gz"),
       ("missing label", flags(root=broken), "labelsTr/case_000.nii.gz"),
-      ("broken dataset.json", flags(root=bad_json), "dataset.json"),
-      ("unreadable checkpoints", flags(workdir=junk),
-       os.path.join("junk_run", "checkpoints")),
-      ("workdir is a file", flags(workdir=a_file), "a_file"),
-      ("sweep: config without get_config",
-       sweep + ["--config", str(sweep_config)], "get_config"),
-      ("sweep: unknown key", sweep + ["--config.sweep.sedes=2"],
-       "--config.sweep.sedes"),
       ("sweep: one fold", sweep + ["--config.sweep.num_folds=1"],
        "config.sweep.num_folds=1"),
   ]
 
 
 def test_train_py_and_sweep_bad_inputs(tiny_dataset, tmp_path):
-  cases = _train_cases(tiny_dataset, tmp_path)
+  cases = _command_cases(tiny_dataset, tmp_path)
   env = subprocess_env(4)
   commands = list(dict.fromkeys(tuple(args) for _, args, _ in cases))
   outputs = {}
@@ -97,7 +98,6 @@ def test_train_py_and_sweep_bad_inputs(tiny_dataset, tmp_path):
     for args, process in running:
       out, err = process.communicate(timeout=300)
       outputs[args] = (process.returncode, out + err)
-  assert len(cases) >= 14
   for name, args, expected in cases:
     code, output = outputs[tuple(args)]
     assert code != 0, (name, output[-2000:])
@@ -106,6 +106,39 @@ def test_train_py_and_sweep_bad_inputs(tiny_dataset, tmp_path):
     assert error_lines, (name, output[-2000:])
     assert expected in output[output.index(error_lines[0]):], (
         name, expected, output[-2000:])
+
+
+def _run_cases(tiny_dataset, tmp_path):
+  """(name, config, workdir, text the message must contain): what
+  ``train_and_evaluate`` finds in the data and the workdir."""
+  bad_json = _copy(tiny_dataset, tmp_path, "bad_json")
+  (bad_json / "dataset.json").write_text("{not json")
+  junk = tmp_path / "junk_run"
+  (junk / "checkpoints" / "2").mkdir(parents=True)
+  (junk / "checkpoints" / "2" / "state").write_text("junk")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  run = tmp_path / "run"
+  return [
+      ("missing dataset", tiny_config(tmp_path / "nowhere"), run,
+       "config.data.root"),
+      ("broken dataset.json", tiny_config(bad_json), run, "dataset.json"),
+      ("unreadable checkpoints", tiny_config(tiny_dataset), junk,
+       os.path.join("junk_run", "checkpoints")),
+      ("workdir is a file", tiny_config(tiny_dataset), a_file, "a_file"),
+  ]
+
+
+def test_training_bad_data_and_workdirs(tiny_dataset, tmp_path):
+  """Raised as one of ``train_lib.USER_ERRORS``, which train.py and the
+  sweep print as one "error:" line (the test above checks one of them
+  through train.py) with a message that names what is wrong."""
+  for name, config, workdir, expected in _run_cases(tiny_dataset, tmp_path):
+    with pytest.raises(train_lib.USER_ERRORS) as raised:
+      train_lib.train_and_evaluate(config, str(workdir),
+                                   devices=jax.devices()[:1], progress=False)
+    message = str(raised.value)
+    assert expected in message and "\n" not in message, (name, message)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import ROOT, saved_params, tiny_config
+from tests.helpers import saved_params, tiny_config
 from tversky_jax import training_data
 from tversky_jax import train_state
 from tversky_jax import configuration
@@ -183,12 +181,6 @@ def test_bad_config_fails_before_compiling(tiny_dataset, tmp_path, key, value,
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path):
-  config = tiny_config(str(tmp_path / "nowhere"))
-  with pytest.raises(train_lib.ConfigError, match="no dataset there"):
-    train_lib.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
-
-
 def test_runs_with_the_same_settings_share_the_jitted_steps(tiny_dataset,
                                                            monkeypatch):
   """A second run in the process reuses the traced step (no retracing) only
@@ -231,24 +223,6 @@ def test_every_loss_gives_finite_values_and_gradients_on_bfloat16_logits():
     assert np.isfinite(float(loss)) and 0.0 < float(loss), name
     assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
     assert np.any(np.asarray(grad, np.float32) != 0), name
-
-
-def test_train_py_rejects_unknown_keys_and_bad_values(tmp_path):
-  def run(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-
-  result = run("--config", "configs/demo.py", "--config.loss.gama=2",
-               f"--workdir={tmp_path}")
-  assert result.returncode != 0
-  assert "gama" in result.stderr
-  result = run("--config", "configs/demo.py", "--config.loss.beta=-1",
-               f"--workdir={tmp_path}")
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      "error: config.loss.beta=-1.0: beta (false-negative weight) must be "
-      ">= 0.")
 
 
 def test_cross_validation_folds_partition_the_cases(tiny_dataset):
@@ -368,9 +342,15 @@ def test_resuming_a_checkpoint_of_an_earlier_state_format_is_a_clear_error(
   with monkeypatch.context() as old_version:
     old_version.setattr(train_state.optax, "flatten", lambda tx: tx)
     old_version.setattr(train_state, "STATE_FORMAT", 1)
-    old_version.setattr(train_state, "_STEPS", {})  # steps of another state
+    # What is saved is the state as created; a step that leaves it as it is
+    # spares compiling a train step for the old state.
+    old_version.setattr(train_state, "jitted_steps", lambda *args: (
+        lambda state, batch: (state, {"loss": 1.0, "grad_norm": 1.0}), None))
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False,
                                  devices=jax.devices()[:1])
+  manager = checkpoint.CheckpointManager(tmp_path / "checkpoints")
+  assert manager.restore_meta(1)["state_format"] == 1
+  manager.close()
   config.train.num_steps = 2
   with pytest.raises(train_lib.ConfigError,
                      match="written by an earlier tversky_jax .*format 1.* "

@@ -41,6 +41,7 @@ from tversky_jax import validation
 from tversky_jax.configuration import ConfigError
 from tversky_jax.run_health import TrainingDiverged
 from tversky_jax.run_health import TrainingStuck
+from tversky_jax.data import nifti
 from tversky_jax.data import pipeline
 from tversky_jax.metric_writer import MetricWriter
 
@@ -48,8 +49,14 @@ from tversky_jax.metric_writer import MetricWriter
 # between ~0.3 and 1.0 (a patch without foreground scores 1).
 LOSS_WINDOW = 20
 
+# What :func:`train_and_evaluate` raises for a problem of the user's config,
+# data, disk or run, each with a one-line message; train.py and the sweep
+# print it as "error: ..." without a traceback.
+USER_ERRORS = (ConfigError, nifti.DatasetError, checkpoint_lib.CheckpointError,
+               TrainingDiverged, TrainingStuck)
+
 __all__ = ["ConfigError", "TrainingDiverged", "TrainingStuck", "TrainSummary",
-           "train_and_evaluate"]
+           "USER_ERRORS", "train_and_evaluate"]
 
 
 @dataclasses.dataclass

@@ -69,7 +69,6 @@ import ml_collections
 import numpy as np
 
 from tversky_jax import training_data
-from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import cli as cli_lib
 from tversky_jax import evaluate
 from tversky_jax import predict
@@ -943,9 +942,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
     try:
       written = run_sweep(config, workdir, train=not report_only_flag.value,
                           log=lambda m: print(m, flush=True))
-    except (SweepError, train_lib.ConfigError, train_lib.TrainingDiverged,
-            nifti.DatasetError, predict.PredictError,
-            checkpoint_lib.CheckpointError) as error:
+    except (SweepError, predict.PredictError,
+            *train_lib.USER_ERRORS) as error:
       sys.exit(f"error: {error}")
     except SweepInterrupted as error:
       sys.exit(str(error))

@@ -43,12 +43,15 @@ def tiny_train_flags(dataset_root, workdir, **overrides):
 def saved_params(workdir, config, step=None):
   """(step, flat list of arrays) of the train state saved in ``workdir``."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  _, state = train_state.create_train_state(config, 3, mesh)
+  # The restore target: shapes only, nothing initialised or compiled.
+  shapes = jax.eval_shape(
+      lambda: train_state.create_train_state(config, 3, mesh)[1])
   manager = checkpoint.CheckpointManager(
       os.path.join(workdir, "checkpoints"), async_save=False)
   restored = manager.restore(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-          x.shape, x.dtype, sharding=x.sharding), state), step=step)
+          x.shape, x.dtype, sharding=parallel.replicated(mesh)), shapes),
+      step=step)
   manager.close()
   assert restored is not None, f"no checkpoint in {workdir}"
   return restored.step, [np.asarray(x) for x in jax.tree.leaves(restored.state)]

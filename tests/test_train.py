@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from tests.helpers import saved_params, tiny_config
 from tversky_jax import training_data
@@ -142,19 +143,15 @@ def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
                                                        monkeypatch):
   config = tiny_config(tiny_dataset, **{"train.num_steps": 2})
-  one = jax.devices()[:1]  # a step of its own: compiled faster for one
-  train_lib.train_and_evaluate(config, str(tmp_path), devices=one,
-                               progress=False)
+  train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   config.train.num_steps = 6
-  original = train_state.make_loss_fn
-  monkeypatch.setattr(
-      train_state, "make_loss_fn",
-      lambda cfg: (lambda logits, labels: original(cfg)(logits, labels)
-                   * np.float32(np.nan)))
+  # NaN images from step 3 on: the very step the other tests compile.
+  original = parallel.global_batch
+  monkeypatch.setattr(parallel, "global_batch", lambda batch, mesh: original(
+      {**batch, "image": np.full_like(batch["image"], np.nan)}, mesh))
   with pytest.raises(train_lib.TrainingDiverged,
                      match=r"became nan at step 3.*checkpoint \(step 2\)"):
-    train_lib.train_and_evaluate(config, str(tmp_path), devices=one,
-                                 progress=False)
+    train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   step, params = saved_params(str(tmp_path), config)
   assert step == 2
   assert all(np.all(np.isfinite(p)) for p in params)
@@ -179,6 +176,27 @@ def test_bad_config_fails_before_compiling(tiny_dataset, tmp_path, key, value,
                                         "data.synthesize_if_missing": True})
   with pytest.raises(train_lib.ConfigError, match=message):
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def test_jitted_initialisation_equals_eager_and_is_shared_across_seeds(
+    monkeypatch):
+  monkeypatch.setattr(train_state, "_INITS", {})
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  for seed in (5, 0):
+    config = tiny_config("/unused", seed=seed, **{"model.depth": 1,
+                                                  "model.base_features": 2})
+    _, state = train_state.create_train_state(config, 3, mesh)
+    model = train_state.build_model(config, train_state.ModelSpec(3), seed, 2)
+    optimizer = nnx.Optimizer(model, train_state.make_optimizer(config),
+                              wrt=nnx.Param)
+    _, eager = nnx.split((model, optimizer))
+    assert jax.tree.structure(state) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(eager)):
+      assert a.sharding == parallel.replicated(mesh)
+      if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_array_equal(a, b)
+  assert len(train_state._INITS) == 1  # pylint: disable=protected-access
 
 
 def test_runs_with_the_same_settings_share_the_jitted_steps(tiny_dataset,
@@ -342,6 +360,7 @@ def test_resuming_a_checkpoint_of_an_earlier_state_format_is_a_clear_error(
   with monkeypatch.context() as old_version:
     old_version.setattr(train_state.optax, "flatten", lambda tx: tx)
     old_version.setattr(train_state, "STATE_FORMAT", 1)
+    old_version.setattr(train_state, "_INITS", {})  # of another state
     # What is saved is the state as created; a step that leaves it as it is
     # spares compiling a train step for the old state.
     old_version.setattr(train_state, "jitted_steps", lambda *args: (

@@ -129,6 +129,11 @@ class _Run:
     self.window = tuple(config.inference.window) or patch_shape or whole
     self.batch_voxels = config.train.batch_size * math.prod(
         patch_shape or whole)
+    self.manager = checkpoint_lib.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.train.keep_checkpoints,
+        best_metric=config.train.best_metric)
+    self._check_resumable()  # before anything is initialised or compiled
     self.mesh = parallel.make_mesh(devices)
     self.local_mesh = parallel.make_mesh(
         [d for d in devices if d.process_index == jax.process_index()])
@@ -137,10 +142,6 @@ class _Run:
     self.train_step, self.logits = train_state_lib.jitted_steps(
         config, self.spec, graphdef, self.data.num_classes, self.mesh)
     self.schedule = train_state_lib.make_schedule(config)
-    self.manager = checkpoint_lib.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.train.keep_checkpoints,
-        best_metric=config.train.best_metric)
     self.data_iter = pipeline.make_train_iterator(
         self.data.train_cases, global_batch_size=config.train.batch_size,
         patch_shape=patch_shape, divisor=divisors,
@@ -157,8 +158,8 @@ class _Run:
     self.final_metrics: dict[str, float] = {}
     self.pending = None  # (step, metrics) of the step not yet checked
 
-  def restore(self) -> None:
-    """Checks that the run in ``workdir`` can go on, and resumes it."""
+  def _check_resumable(self) -> None:
+    """Raises ConfigError when the run in ``workdir`` cannot go on."""
     config, workdir = self.config, self.workdir
     latest = self.manager.latest_step()
     if latest is not None:
@@ -170,6 +171,10 @@ class _Run:
       if meta:  # an unreadable one is reported when restoring
         configuration.check_state_format(
             meta.get("state_format"), train_state_lib.STATE_FORMAT, workdir)
+
+  def restore(self) -> None:
+    """Resumes from the latest checkpoint in ``workdir``, if there is one."""
+    config, workdir = self.config, self.workdir
     if self.is_lead and configuration.write_config(config, workdir):
       _log(f"note: the config differs from the one in {workdir}/config.json; "
            "the run continues from its checkpoint with the new config.")

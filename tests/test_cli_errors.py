@@ -64,6 +64,16 @@ def _command_cases(tiny_dataset, tmp_path):
     return ["train.py"] + tiny_train_flags(root, run, **overrides)
 
   sweep = ["-m", "tversky_jax.experiments.sweep", f"--workdir={tmp_path}"]
+  # The sweep's command with a run that gets stuck (a stand-in for
+  # run_sweep): it must print the one line, not a traceback.
+  stuck_sweep = ["-c", (
+      "import sys\n"
+      "from tversky_jax import train_lib\n"
+      "from tversky_jax.experiments import sweep\n"
+      "def stuck(*args, **kwargs):\n"
+      "  raise train_lib.TrainingStuck('training is stuck at step 3')\n"
+      "sweep.run_sweep = stuck\n"
+      "sweep.cli(['sweep'] + sys.argv[1:])\n"), f"--workdir={tmp_path}"]
   return [
       ("unknown key", flags(**{"loss.betta": 0.7}), "--config.loss.betta"),
       ("unknown key, default config", ["train.py", "--config.loss.betta=1"],
@@ -82,6 +92,7 @@ def _command_cases(tiny_dataset, tmp_path):
       ("missing label", flags(root=broken), "labelsTr/case_000.nii.gz"),
       ("sweep: one fold", sweep + ["--config.sweep.num_folds=1"],
        "config.sweep.num_folds=1"),
+      ("sweep: a stuck run", stuck_sweep, "training is stuck at step 3"),
   ]
 
 

@@ -30,10 +30,11 @@ def _step_and_state(config, deep_supervision, spec, mesh):
   config.model.deep_supervision = deep_supervision
   graphdef, state = train_state.create_train_state(config, spec, mesh)
   step = train_state.make_train_step(
-      graphdef, train_state.make_loss_fn(config), mesh,
+      graphdef, train_state.weighted_loss_fn(config), mesh,
       augment=train_state.augment_config(config, spec.num_classes),
       seed=config.seed)
-  return step, state
+  loss_args = train_state.loss_args(config)  # alpha, beta: step arguments
+  return (lambda state, batch: step(state, batch, loss_args)), state
 
 
 def main():

@@ -40,20 +40,21 @@ def bench(name, config, shape, batch, dtype, conv_impl, repeats):
   config.train.batch_size = batch
   mesh = parallel.make_mesh()
   graphdef, state = train_state.create_train_state(config, 3, mesh)
-  step = train_state.make_train_step(graphdef, train_state.make_loss_fn(config),
-                                   mesh)
+  step = train_state.make_train_step(
+      graphdef, train_state.weighted_loss_fn(config), mesh)
+  loss_args = train_state.loss_args(config)
   rng = np.random.default_rng(0)
   local = {"image": rng.normal(size=(batch, *shape, 3)).astype(np.float32),
            "label": (rng.random((batch, *shape)) < 0.003).astype(np.int32)}
   start = time.perf_counter()
-  state, metrics = step(state, parallel.global_batch(local, mesh))
+  state, metrics = step(state, parallel.global_batch(local, mesh), loss_args)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     batch_arrays = parallel.global_batch(local, mesh)
     start = time.perf_counter()
-    state, metrics = step(state, batch_arrays)
+    state, metrics = step(state, batch_arrays, loss_args)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   seconds = float(np.median(times))

@@ -147,18 +147,19 @@ class Ours:
 
   def step_fn(self, batch: int, shape):
     step = train_state.make_train_step(
-        self.graphdef, train_state.make_loss_fn(self.config), self.mesh)
+        self.graphdef, train_state.weighted_loss_fn(self.config), self.mesh)
+    loss_args = train_state.loss_args(self.config)
     image, label = random_batch(batch, shape)
     holder = {"state": jax.tree.map(jnp.copy, self.state)}
 
     def run():
       arrays = parallel.global_batch({"image": image, "label": label}, self.mesh)
-      holder["state"], metrics = step(holder["state"], arrays)
+      holder["state"], metrics = step(holder["state"], arrays, loss_args)
       jax.block_until_ready(metrics)
 
     def temp_bytes():
       arrays = parallel.global_batch({"image": image, "label": label}, self.mesh)
-      compiled = step.lower(holder["state"], arrays).compile()
+      compiled = step.lower(holder["state"], arrays, loss_args).compile()
       return compiled.memory_analysis().temp_size_in_bytes
 
     def held_bytes():  # parameters and Adam's moments (gradients: temp)

@@ -89,8 +89,8 @@ def test_a_collapsed_run_stops_with_what_to_change(tiny_dataset, tmp_path,
                                                    monkeypatch):
   # A loss that ignores the network: its gradient is exactly zero.
   monkeypatch.setattr(
-      train_state, "make_loss_fn",
-      lambda cfg: lambda logits, labels: 0.0 * logits.sum() + 1.0)
+      train_state, "weighted_loss_fn",
+      lambda cfg: lambda logits, labels, **weights: 0.0 * logits.sum() + 1.0)
   config = tiny_config(tiny_dataset, **{"train.stuck_patience": 3,
                                         "train.num_steps": 20})
   with pytest.raises(train_lib.TrainingStuck,

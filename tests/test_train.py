@@ -219,12 +219,42 @@ def test_runs_with_the_same_settings_share_the_jitted_steps(tiny_dataset,
   assert steps() == first
   assert steps(seed=5) == first  # the seed only keys the augmentation
   assert steps(**{"train.num_steps": 9, "data.num_val_cases": 2}) == first
-  for changed in ({"loss.beta": 0.8}, {"optimizer.learning_rate": 0.1},
+  # alpha and beta are arguments of the step: a sweep compiles it once.
+  assert steps(**{"loss.alpha": 0.2, "loss.beta": 0.8}) == first
+  for changed in ({"loss.name": "focal_tversky"}, {"loss.smooth": 0.5},
+                  {"optimizer.learning_rate": 0.1},
                   {"model.base_features": 2}, {"augment.enabled": True}):
     assert steps(**changed)[0] is not first[0], changed
   augmented = steps(**{"augment.enabled": True})
   assert steps(**{"augment.enabled": True, "seed": 5})[0] is not augmented[0]
   assert steps(mesh=parallel.make_mesh(jax.devices()[:2]))[0] is not first[0]
+
+
+def test_alpha_and_beta_are_arguments_of_one_compiled_step():
+  """A sweep's (alpha, beta) settings share one compiled train step, and
+  each computes its own loss: the loss the step reports equals the loss
+  with alpha and beta as constants (``make_loss_fn``)."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  config = tiny_config("/unused", **{"model.depth": 1,
+                                     "model.base_features": 2})
+  graphdef, state = train_state.create_train_state(config, 3, mesh)
+  step = train_state.make_train_step(
+      graphdef, train_state.weighted_loss_fn(config), mesh)
+  image = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 8, 3)),
+                      jnp.float32)
+  label = (image[..., 0] > 1.0).astype(jnp.int32)
+  batch = parallel.global_batch({"image": image, "label": label}, mesh)
+  logits = train_state.make_logits_fn(graphdef)(state, image)
+  reported = {}
+  for alpha, beta in ((0.5, 0.5), (0.1, 0.9)):
+    config.loss.alpha, config.loss.beta = alpha, beta
+    _, metrics = step(jax.tree.map(jnp.copy, state), batch,
+                      train_state.loss_args(config))
+    reported[alpha] = float(metrics["loss"])
+    expected = jax.jit(train_state.make_loss_fn(config))(logits, label)
+    np.testing.assert_allclose(reported[alpha], expected, rtol=1e-6)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert abs(reported[0.5] - reported[0.1]) > 1e-3
 
 
 def test_every_loss_gives_finite_values_and_gradients_on_bfloat16_logits():
@@ -364,7 +394,8 @@ def test_resuming_a_checkpoint_of_an_earlier_state_format_is_a_clear_error(
     # What is saved is the state as created; a step that leaves it as it is
     # spares compiling a train step for the old state.
     old_version.setattr(train_state, "jitted_steps", lambda *args: (
-        lambda state, batch: (state, {"loss": 1.0, "grad_norm": 1.0}), None))
+        lambda state, batch, loss_args: (state, {"loss": 1.0, "grad_norm": 1.0}),
+        None))
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False,
                                  devices=jax.devices()[:1])
   manager = checkpoint.CheckpointManager(tmp_path / "checkpoints")

@@ -141,6 +141,7 @@ class _Run:
         config, self.spec, self.mesh)
     self.train_step, self.logits = train_state_lib.jitted_steps(
         config, self.spec, graphdef, self.data.num_classes, self.mesh)
+    self.loss_args = train_state_lib.loss_args(config)  # alpha, beta
     self.schedule = train_state_lib.make_schedule(config)
     self.data_iter = pipeline.make_train_iterator(
         self.data.train_cases, global_batch_size=config.train.batch_size,
@@ -205,7 +206,8 @@ class _Run:
     timer = [time.perf_counter(), 0]  # start of the logging window, steps
     while self.step < last_step and not stop_signal.should_stop(self.step):
       batch = parallel.global_batch(next(self.data_iter), self.mesh)
-      self.state, step_metrics = self.train_step(self.state, batch)
+      self.state, step_metrics = self.train_step(self.state, batch,
+                                                 self.loss_args)
       self.step += 1
       timer[1] += 1
       self._flush()

@@ -162,10 +162,37 @@ def make_loss_fn(config: ml_collections.ConfigDict
   Tversky terms (and kept in the cross-entropy of ``tversky_ce``).
 
   alpha weighs false positives and beta false negatives (Salehi et al.).
-  The same ``config.loss`` settings give the same function object, so that
+  It is ``weighted_loss_fn(config)`` with ``loss_args(config)`` bound.
+  """
+  return functools.partial(weighted_loss_fn(config), **loss_args(config))
+
+
+def loss_args(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The loss weights the train step takes as arguments, not as constants.
+
+  ``{"alpha": ..., "beta": ...}`` (alpha weighs false positives, beta false
+  negatives) for the Tversky losses, ``{}`` for ``dice``. A step compiled
+  once serves every alpha and beta: the sweep over them
+  (:mod:`tversky_jax.experiments.sweep`) compiles one train step, not one
+  per setting.
+  """
+  if config.loss.name == "dice":
+    return {}
+  return {"alpha": float(config.loss.alpha), "beta": float(config.loss.beta)}
+
+
+def weighted_loss_fn(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+  """``loss(logits, labels, **loss_args(config)) -> scalar``.
+
+  As :func:`make_loss_fn`, with alpha and beta (Tversky losses) as keyword
+  arguments, which may be traced. The same ``config.loss`` settings, alpha
+  and beta aside, give the same function object, so that
   :func:`jitted_steps` can reuse a step traced for them.
   """
-  return _loss_fn(_frozen(config.loss))
+  section = config.loss.to_dict()
+  for name in ("alpha", "beta"):
+    section.pop(name, None)
+  return _loss_fn(_frozen(ml_collections.ConfigDict(section)))
 
 
 def _frozen(section: ml_collections.ConfigDict) -> str:
@@ -174,19 +201,19 @@ def _frozen(section: ml_collections.ConfigDict) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _loss_fn(frozen_loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def _loss_fn(frozen_loss: str) -> Callable[..., jax.Array]:
   cfg = ml_collections.ConfigDict(json.loads(frozen_loss))
   common = dict(smooth=cfg.smooth, pool_batch=cfg.pool_batch)
   if cfg.name == "dice":
     return lambda logits, labels: losses.dice_loss(logits, labels, **common)
-  common.update(alpha=cfg.alpha, beta=cfg.beta)
   if cfg.name == "tversky":
-    return lambda logits, labels: losses.tversky_loss(logits, labels, **common)
+    return lambda logits, labels, **weights: losses.tversky_loss(
+        logits, labels, **weights, **common)
   if cfg.name == "focal_tversky":
-    return lambda logits, labels: losses.focal_tversky_loss(
-        logits, labels, gamma=cfg.gamma, **common)
-  return lambda logits, labels: losses.tversky_ce_loss(
-      logits, labels, ce_weight=cfg.ce_weight, **common)
+    return lambda logits, labels, **weights: losses.focal_tversky_loss(
+        logits, labels, gamma=cfg.gamma, **weights, **common)
+  return lambda logits, labels, **weights: losses.tversky_ce_loss(
+      logits, labels, ce_weight=cfg.ce_weight, **weights, **common)
 
 
 def create_train_state(config: ml_collections.ConfigDict,
@@ -253,14 +280,16 @@ def jitted_steps(config: ml_collections.ConfigDict, spec: ModelSpec,
                  mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
   """``(make_train_step(...), make_logits_fn(graphdef))`` for ``config``.
 
-  A second run in the same process with the same model, optimizer, loss,
-  augmentation, network shape and devices (a sweep's folds and seeds, a
-  resumed run, the tests) gets the same jitted functions back, so it skips
-  tracing and compiling them again (about 3 s of tracing even for a tiny
-  network on CPU). ``graphdef`` must be ``create_train_state(config, spec,
-  mesh)``'s: the state pytree the steps consume depends only on these keys.
+  The train step is called as ``step(state, batch, loss_args(config))``.
+  A second run in the same process with the same model, optimizer, loss
+  (alpha and beta aside: they are arguments), augmentation, network shape
+  and devices (a sweep's settings, folds and seeds, a resumed run, the
+  tests) gets the same jitted functions back, so it skips tracing and
+  compiling them again (about 3 s of tracing even for a tiny network on
+  CPU). ``graphdef`` must be ``create_train_state(config, spec, mesh)``'s:
+  the state pytree the steps consume depends only on these keys.
   """
-  loss_fn = make_loss_fn(config)
+  loss_fn = weighted_loss_fn(config)
   augment = augment_config(config, num_classes)
   key = (_frozen(config.model), _frozen(config.optimizer), loss_fn, augment,
          config.seed if augment is not None else None, spec, mesh)
@@ -280,16 +309,21 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable,
                     seed: int = 0):
   """One jitted, donated, data-parallel optimisation step.
 
-  ``step(state, batch) -> (state, {"loss", "grad_norm"})`` with ``batch`` =
-  ``{"image": [B, x, y, z, c], "label": [B, x, y, z]}`` sharded over the
-  mesh's ``"data"`` axis and ``state`` replicated. With ``augment``, the
-  batch is augmented on the device first (:func:`augmentation.augment`),
-  with a key drawn from ``seed`` and the optimizer's step counter, so a
-  resumed run sees exactly the augmentations of an uninterrupted one.
+  ``step(state, batch, loss_args) -> (state, {"loss", "grad_norm"})`` with
+  ``batch`` = ``{"image": [B, x, y, z, c], "label": [B, x, y, z]}`` sharded
+  over the mesh's ``"data"`` axis, ``state`` replicated, and the loss
+  ``loss_fn(logits, labels, **loss_args)``: ``loss_args`` is a dict of
+  scalars (:func:`loss_args`: alpha, the false-positive weight, and beta,
+  the false-negative weight; ``{}`` for a ``loss_fn`` that takes none,
+  such as :func:`make_loss_fn`'s), traced, so new values do not compile
+  the step again. With ``augment``, the batch is augmented on the device
+  first (:func:`augmentation.augment`), with a key drawn from ``seed`` and
+  the optimizer's step counter, so a resumed run sees exactly the
+  augmentations of an uninterrupted one.
   """
   augmenting = augment is not None and not augment.is_identity
 
-  def step(state, batch):
+  def step(state, batch, loss_args):
     model, optimizer = nnx.merge(graphdef, state)
     image, label = batch["image"], batch["label"]
     if augmenting:
@@ -297,9 +331,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable,
           jax.random.fold_in(jax.random.key(seed), _AUGMENT_STREAM),
           optimizer.step[...])
       image, label = augmentation.augment(key, image, label, augment)
+    weighted = functools.partial(loss_fn, **loss_args)
 
     def loss_of(model):  # with deep supervision: the weighted multi-scale loss
-      return deep_supervision.training_loss(model, image, label, loss_fn)
+      return deep_supervision.training_loss(model, image, label, weighted)
 
     loss, grads = nnx.value_and_grad(loss_of)(model)
     optimizer.update(model, grads)
@@ -307,8 +342,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable,
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  return jax.jit(
+      step, in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def make_logits_fn(graphdef: nnx.GraphDef):

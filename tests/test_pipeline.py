@@ -287,6 +287,37 @@ def test_batch_of_one_per_process_works():
   np.testing.assert_array_equal(np.concatenate(pair), np.concatenate(first[:2]))
 
 
+@pytest.mark.parametrize("random_flip", [False, True])
+@pytest.mark.parametrize("patch_shape", [(16, 16, 8), (24, 24, 8), None])
+def test_batches_are_the_documented_samples_stacked(random_flip, patch_shape):
+  """Sample i of the global stream: case perm[i % n] of its epoch, cut and
+  flipped by sampling.sample_patch / pad_to_shape and sampling.random_flip
+  with rng [seed, i]; a batch is its samples stacked (written in place by
+  the pipeline). Patches of 24 reach into the padding of the smaller cases."""
+  cases = binary_cases(num_classes=2)
+  seed, batch_size = 5, 2
+  it = pipeline.make_train_iterator(
+      cases, global_batch_size=batch_size, patch_shape=patch_shape, divisor=4,
+      foreground_fraction=0.5, random_flip=random_flip, seed=seed, prefetch_batches=0)
+  volume = pipeline.whole_volume_shape(cases, (4, 4, 4))
+  for step in range(4):
+    batch = next(it)
+    for k in range(batch_size):
+      i = step * batch_size + k
+      order = np.random.default_rng([seed, i // len(cases), 1]).permutation(len(cases))
+      case = cases[order[i % len(cases)]]
+      rng = np.random.default_rng([seed, i])
+      if patch_shape is None:
+        image, label = sampling.pad_to_shape(case.image, case.label, volume)
+      else:
+        image, label = sampling.sample_patch(case.image, case.label, patch_shape, rng, 0.5,
+                                             case.foreground)
+      if random_flip:
+        image, label = sampling.random_flip(image, label, rng)
+      np.testing.assert_array_equal(batch["image"][k], image)
+      np.testing.assert_array_equal(batch["label"][k], label)
+
+
 # ---------------------------------------------------- binary stream pinned
 
 

@@ -230,6 +230,41 @@ def test_random_flip_equals_np_flip_channel_by_channel(channels):
       assert img.flags.c_contiguous and img.dtype == np.float32
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_random_flip_into_out_equals_new_arrays(channels):
+  # The pipeline writes each sample into its batch: float32 image, int32 label.
+  image = np.random.default_rng(1).normal(size=(4, 5, 6, channels)).astype(np.float32)
+  label = np.random.default_rng(2).integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
+  for source in (image, image[:, ::-1]):
+    for seed in range(6):
+      expected = sampling.random_flip(source, label, np.random.default_rng(seed))
+      batch = (np.zeros((2, *image.shape), np.float32), np.zeros((2, 4, 5, 6), np.int32))
+      out = (batch[0][1], batch[1][1])
+      got = sampling.random_flip(source, label, np.random.default_rng(seed), out=out)
+      assert got[0] is out[0] and got[1] is out[1]
+      np.testing.assert_array_equal(batch[0][1], expected[0])
+      np.testing.assert_array_equal(batch[1][1], expected[1])
+      assert not batch[0][0].any() and not batch[1][0].any()
+
+
+def test_crop_padded_into_zeros_equals_a_new_array():
+  image, _ = coordinate_volume((6, 5, 4))
+  label = (image[..., 0] % 5 + 1).astype(np.uint8)  # no zeros: padding shows
+  widths = sampling.center_pad_widths(label.shape, (8, 8, 4))  # x 1+1, y 1+2
+  padded, padded_label = sampling.pad_to_shape(image, label, (8, 8, 4))
+  for start in [(0, 0, 0), (2, 3, 0), (1, 1, 1)]:
+    size = (6, 5, 3)
+    box = tuple(slice(s, s + p) for s, p in zip(start, size))
+    new = sampling.crop_padded(image, widths, start, size)
+    np.testing.assert_array_equal(new, padded[box])
+    out = np.zeros((2, *size), np.int32)  # one sample of a batch, another dtype
+    assert sampling.crop_padded(label, widths, start, size, out=out[0]) is not None
+    np.testing.assert_array_equal(out[0], padded_label[box])
+    assert not out[1].any()
+  with pytest.raises(ValueError, match="out must have shape"):
+    sampling.crop_padded(label, widths, (0, 0, 0), (6, 5, 3), out=np.zeros((6, 5, 4)))
+
+
 def test_random_flip_probability_one_and_zero_and_axes():
   image, label = coordinate_volume((4, 5, 6))
   label[0, 1, 2] = 1

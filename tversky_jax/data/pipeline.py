@@ -281,10 +281,16 @@ def load_preprocessed_cases(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _MakeSample(grain.transforms.MapWithIndex):
-  """Global sample index ``i`` -> one training sample (``{"image", "label"}``)."""
+class _MakeBatch(grain.transforms.MapWithIndex):
+  """Block index ``k`` -> the batch of global samples ``[k*b, (k+1)*b)``.
+
+  Each sample is cut straight into its place in the batch's arrays: no
+  per-sample array is stacked afterwards (stacking was half the time of a
+  batch of 2 x 128^3 patches with 3 channels).
+  """
 
   cases: tuple[TrainingCase, ...]
+  batch_size: int  # b: samples per process and step
   patch_shape: tuple[int, int, int] | None  # None: whole volume padded to `volume_shape`.
   volume_shape: tuple[int, int, int]
   foreground_fraction: float
@@ -292,20 +298,36 @@ class _MakeSample(grain.transforms.MapWithIndex):
   seed: int
 
   def map_with_index(self, index: int, element: Any) -> dict[str, np.ndarray]:
-    del element  # The sample depends on its global index only.
+    del element  # The batch depends on its block index only.
+    size = self.patch_shape or self.volume_shape
+    channels = self.cases[0].image.shape[-1]
+    # Zeros: a sample that reaches into the padding leaves it as it is
+    # (np.zeros costs no more than np.empty here: the kernel zeroes pages).
+    image = np.zeros((self.batch_size, *size, channels), np.float32)
+    label = np.zeros((self.batch_size, *size), np.int32)
+    for i in range(self.batch_size):
+      self._sample_into(index * self.batch_size + i, image[i], label[i])
+    return {"image": image, "label": label}
+
+  def _sample_into(self, index: int, image: np.ndarray, label: np.ndarray) -> None:
+    """Writes global sample ``index`` into ``image [x, y, z, c]``, ``label [x, y, z]``."""
     epoch, position = divmod(index, len(self.cases))
     case = self.cases[_epoch_order(self.seed, len(self.cases), epoch)[position]]
     rng = np.random.default_rng([self.seed, index])
     if self.patch_shape is None:
-      image, label = sampling.pad_to_shape(case.image, case.label, self.volume_shape)
+      widths = sampling.center_pad_widths(case.label.shape, self.volume_shape)
+      start = (0, 0, 0)
     else:
-      image, label = sampling.sample_patch(
-          case.image, case.label, self.patch_shape, rng,
-          foreground_fraction=self.foreground_fraction, foreground=case.foreground,
-      )
-    if self.random_flip:
-      image, label = sampling.random_flip(image, label, rng)
-    return {"image": np.ascontiguousarray(image, np.float32), "label": label.astype(np.int32)}
+      widths, start = sampling.draw_patch(case.label.shape, self.patch_shape, rng,
+                                          self.foreground_fraction, case.foreground)
+    size = label.shape
+    if not self.random_flip:
+      sampling.crop_padded(case.image, widths, start, size, out=image)
+      sampling.crop_padded(case.label, widths, start, size, out=label)
+      return
+    sampling.random_flip(sampling.crop_padded(case.image, widths, start, size),
+                         sampling.crop_padded(case.label, widths, start, size), rng,
+                         out=(image, label))
 
 
 @functools.lru_cache(maxsize=16)
@@ -465,16 +487,12 @@ def make_train_iterator(
     volume_shape = patch  # type: ignore[assignment]
 
   local_batch_size = global_batch_size // process_count
-  transform = _MakeSample(cases, patch, volume_shape, float(foreground_fraction),
-                          bool(random_flip), seed)
-  ds = (
-      grain.MapDataset.range(len(cases))
-      # Effectively infinite (2**40 samples). A truly infinite repeat has
-      # length sys.maxsize, which grain cannot slice after batch(1).
-      .repeat(max(1, _NUM_SAMPLES // len(cases)))
-      .map_with_index(transform)  # index = global sample index i
-      .batch(local_batch_size)  # block k = global samples [k*b, (k+1)*b)
-  )
+  transform = _MakeBatch(cases, local_batch_size, patch, volume_shape,
+                         float(foreground_fraction), bool(random_flip), seed)
+  # Block k = global samples [k*b, (k+1)*b); effectively infinite (2**40
+  # samples). A truly infinite dataset has length sys.maxsize, which grain
+  # cannot slice.
+  ds = grain.MapDataset.range(_NUM_SAMPLES // local_batch_size).map_with_index(transform)
   ds = ds[process_index::process_count]  # step t = block t*P + p
   if worker_count > 0:
     _ensure_absl_flags_parsed()

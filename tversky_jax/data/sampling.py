@@ -58,16 +58,33 @@ def center_pad_widths(spatial_shape: Sequence[int], target_shape: Sequence[int])
   return tuple(widths)  # type: ignore[return-value]
 
 
-def _crop_padded(array: np.ndarray, widths: PadWidths, start: Sequence[int],
-                 size: Sequence[int]) -> np.ndarray:
+def crop_padded(array: np.ndarray, widths: PadWidths, start: Sequence[int],
+                size: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
   """The box ``[start, start + size)`` of `array` zero-padded by `widths`.
 
   `array` is ``[x, y, z, ...]``; `widths` pads the 3 spatial axes and `start`
-  is in padded coordinates. Only the box is read and written (one copy, a
-  new contiguous array): the padded array is never built, which for a
-  patch of a memory-mapped case means reading the patch, not the case.
+  is in padded coordinates. Only the box is read and written (one copy): the
+  padded array is never built, which for a patch of a memory-mapped case
+  means reading the patch, not the case.
+
+  Args:
+    array: ``[x, y, z, ...]``.
+    widths: ``((before, after),) * 3``, e.g. :func:`center_pad_widths`.
+    start: the box's corner, in padded coordinates.
+    size: the box's spatial shape ``(px, py, pz)``.
+    out: zeros of shape ``[px, py, pz, ...]`` (any dtype the values fit,
+      e.g. one sample of a batch made with ``np.zeros``) to write the box
+      into; only the part of the box inside `array` is written, so the
+      padding keeps out's zeros. None: a new array of `array`'s dtype.
+
+  Returns:
+    `out`, or the new contiguous array.
   """
-  out = np.zeros(tuple(size) + array.shape[3:], array.dtype)
+  shape = tuple(int(p) for p in size) + array.shape[3:]
+  if out is None:
+    out = np.zeros(shape, array.dtype)
+  elif out.shape != shape:
+    raise ValueError(f"out must have shape {shape}, got {out.shape}")
   source, target = [], []
   for n, (before, _), s, p in zip(array.shape[:3], widths, start, size):
     offset = int(s) - before  # where the box starts in `array`
@@ -82,8 +99,8 @@ def _pad(image: np.ndarray, label: np.ndarray | None, widths: PadWidths):
   if not any(b or a for b, a in widths):
     return image, label
   shape = [n + b + a for n, (b, a) in zip(image.shape[:3], widths)]
-  image = _crop_padded(image, widths, (0, 0, 0), shape)
-  label = _crop_padded(label, widths, (0, 0, 0), shape) if label is not None else None
+  image = crop_padded(image, widths, (0, 0, 0), shape)
+  label = crop_padded(label, widths, (0, 0, 0), shape) if label is not None else None
   return image, label
 
 
@@ -269,24 +286,42 @@ def sample_patch(
     contiguous copies with the input dtypes.
   """
   _check_pair(image, label)
+  if foreground is None:
+    foreground = foreground_voxels(label, num_classes)
+  widths, start = draw_patch(label.shape, patch_shape, rng, foreground_fraction,
+                             foreground)
+  return (crop_padded(image, widths, start, patch_shape),
+          crop_padded(label, widths, start, patch_shape))
+
+
+def draw_patch(
+    spatial_shape: Sequence[int],
+    patch_shape: Sequence[int],
+    rng: np.random.Generator,
+    foreground_fraction: float,
+    foreground: np.ndarray | Mapping[int, np.ndarray],
+) -> tuple[PadWidths, np.ndarray]:
+  """Where :func:`sample_patch` cuts: ``(widths, start)`` for :func:`crop_padded`.
+
+  Draws from `rng` exactly as :func:`sample_patch` documents. `widths` pads a
+  volume of `spatial_shape` (centred) up to the patch where it is smaller;
+  `start` is the patch's corner in the padded volume. `foreground` is the
+  volume's :func:`foreground_voxels` (pooled or per class).
+  """
   patch_shape = _check_shape("patch_shape", patch_shape)
   if not 0.0 <= foreground_fraction <= 1.0:
     raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
-  if foreground is None:
-    foreground = foreground_voxels(label, num_classes)
   groups = _foreground_groups(foreground)
-  widths = center_pad_widths(label.shape, patch_shape)
-  shape = np.asarray(label.shape) + [b + a for b, a in widths]
+  widths = center_pad_widths(spatial_shape, patch_shape)
+  shape = np.asarray(spatial_shape) + [b + a for b, a in widths]
   patch = np.asarray(patch_shape)
-
   if groups and rng.random() < foreground_fraction:
     group = groups[rng.integers(len(groups))] if len(groups) > 1 else groups[0]
     voxel = group[rng.integers(len(group))].astype(np.int64) + [b for b, _ in widths]
     start = np.clip(voxel - patch // 2, 0, shape - patch)
   else:
     start = rng.integers(0, shape - patch + 1)
-  return (_crop_padded(image, widths, start, patch_shape),
-          _crop_padded(label, widths, start, patch_shape))
+  return widths, start
 
 
 def random_flip(
@@ -295,6 +330,7 @@ def random_flip(
     rng: np.random.Generator,
     axes: Sequence[int] = (0, 1, 2),
     probability: float = 0.5,
+    out: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Flips image and label together along each of `axes` with `probability`.
 
@@ -304,32 +340,37 @@ def random_flip(
     rng: one ``rng.random(len(axes))`` draw decides the flips.
     axes: spatial axes in ``{0, 1, 2}`` that may be flipped.
     probability: per-axis flip probability.
+    out: ``(image_out, label_out)`` of the same shapes (any dtypes the
+      values fit; ``label_out`` None when `label` is) to write the result
+      into, e.g. one sample of a batch; None: new arrays.
 
   Returns:
-    ``(image, label)``, contiguous, same shapes and dtypes.
+    ``(image, label)``, contiguous, same shapes and dtypes; `out` if given.
   """
   _check_pair(image, label)
   axes = tuple(int(a) for a in axes)
   if not set(axes) <= {0, 1, 2} or len(set(axes)) != len(axes):
     raise ValueError(f"axes must be distinct spatial axes in (0, 1, 2), got {axes}")
   flip = tuple(a for a, u in zip(axes, rng.random(len(axes))) if u < probability)
-  if flip:
-    image = _flipped(image, flip)
-    label = np.flip(label, flip) if label is not None else None
-  image = np.ascontiguousarray(image)
-  return image, np.ascontiguousarray(label) if label is not None else None
+  if out is None:
+    out = (np.empty_like(image, order="C"),
+           None if label is None else np.empty_like(label, order="C"))
+  _copy_flipped(image, flip, out[0])
+  if label is not None:
+    out[1][...] = np.flip(label, flip)
+  return out
 
 
-def _flipped(image: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-  """A contiguous copy of ``image: [x, y, z, c]`` flipped along `axes`.
+def _copy_flipped(image: np.ndarray, axes: tuple[int, ...], out: np.ndarray) -> None:
+  """Writes ``image: [x, y, z, c]`` flipped along `axes` into `out`.
 
   With several channels each voxel is moved as one item (a void view of
   its ``c`` values): numpy's copy of a flipped ``z`` axis otherwise runs an
   inner loop of ``c`` elements per voxel, 1.5-2.5x slower here.
   """
-  if image.shape[3] == 1 or not image.flags.c_contiguous:
-    return np.ascontiguousarray(np.flip(image, axes))
+  if (image.shape[3] == 1 or out.dtype != image.dtype
+      or not (image.flags.c_contiguous and out.flags.c_contiguous)):
+    out[...] = np.flip(image, axes)
+    return
   voxel = np.dtype((np.void, image.dtype.itemsize * image.shape[3]))
-  voxels = image.view(voxel)[..., 0]
-  flipped = np.ascontiguousarray(np.flip(voxels, axes))
-  return flipped.view(image.dtype).reshape(image.shape)
+  out.view(voxel)[..., 0] = np.flip(image.view(voxel)[..., 0], axes)

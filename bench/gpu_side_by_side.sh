@@ -13,8 +13,12 @@
 # theirs: torch.autocast), train-step time and peak device memory on the
 # paper's whole 128x224x256 volume (batch 1) and on 2 x 128^3 patches, and
 # sliding-window inference of a 128x224x256 volume (128^3 windows), with the
-# repetitions interleaved. Writes the tables to OUT_DIR (default: $OUT, else
-# bench_out/). See bench/side_by_side.py for what each side runs.
+# repetitions interleaved. Then the input pipeline's batches/s on this
+# machine's CPU cores (bench/bench_pipeline.py: 2 x 128^3 patches and whole
+# 128x224x256 volumes, in-process and with 4 and 8 grain workers), to set
+# against the 1 / step-time batches/s the GPU step consumes. Writes the
+# tables to OUT_DIR (default: $OUT, else bench_out/). See
+# bench/side_by_side.py for what each side runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench_out}}"
@@ -37,3 +41,6 @@ for dtype in float32 bfloat16; do
     --work whole step128 infer_whole --repeats 5 --memory \
     2>&1 | grep -v Warning | tee "$out/side_by_side_$dtype.txt"
 done
+# Last, so that a slow phantom build cannot cost the tables above.
+timeout 120 python3 bench/bench_pipeline.py --cases 2 --batches 20 \
+  --workers 0 4 8 2>&1 | grep -v Warning | tee "$out/pipeline.txt" || true

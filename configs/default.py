@@ -54,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.foreground_fraction = 0.33
   # Flips in the input pipeline (host); augment.p_mirror flips on the device.
   config.data.random_flip = False
-  # Background processes decoding and cropping volumes (0: in this process).
+  # Background processes decoding and cropping volumes (0: a background
+  # thread of this process, the fastest on a 2-core CPU: 32 batches/s of
+  # 2 x 128^3 patches, see docs/benchmarks.md; workers may pay off on
+  # many-core hosts feeding a fast GPU, not measured yet).
   config.data.worker_count = 0
   config.data.prefetch_batches = 2
 

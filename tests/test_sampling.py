@@ -245,6 +245,9 @@ def test_random_flip_into_out_equals_new_arrays(channels):
       np.testing.assert_array_equal(batch[0][1], expected[0])
       np.testing.assert_array_equal(batch[1][1], expected[1])
       assert not batch[0][0].any() and not batch[1][0].any()
+  with pytest.raises(ValueError, match="out must have the shapes"):
+    sampling.random_flip(image, label, np.random.default_rng(0),
+                         out=(np.zeros(image.shape), np.zeros((4, 5, 5))))
 
 
 def test_crop_padded_into_zeros_equals_a_new_array():

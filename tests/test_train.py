@@ -252,9 +252,10 @@ def test_alpha_and_beta_are_arguments_of_one_compiled_step():
                       train_state.loss_args(config))
     reported[alpha] = float(metrics["loss"])
     expected = jax.jit(train_state.make_loss_fn(config))(logits, label)
-    np.testing.assert_allclose(reported[alpha], expected, rtol=1e-6)
+    # Two programs compute the logits; their rounding may differ elsewhere.
+    np.testing.assert_allclose(reported[alpha], expected, rtol=1e-5)
   assert step._cache_size() == 1  # pylint: disable=protected-access
-  assert abs(reported[0.5] - reported[0.1]) > 1e-3
+  assert abs(reported[0.5] - reported[0.1]) > 1e-2  # 0.14 here
 
 
 def test_every_loss_gives_finite_values_and_gradients_on_bfloat16_logits():

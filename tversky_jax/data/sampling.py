@@ -355,6 +355,10 @@ def random_flip(
   if out is None:
     out = (np.empty_like(image, order="C"),
            None if label is None else np.empty_like(label, order="C"))
+  elif (out[0].shape != image.shape
+        or (label is not None and (out[1] is None or out[1].shape != label.shape))):
+    raise ValueError(f"out must have the shapes {image.shape} and "
+                     f"{None if label is None else label.shape}")
   _copy_flipped(image, flip, out[0])
   if label is not None:
     out[1][...] = np.flip(label, flip)

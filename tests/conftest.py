@@ -5,9 +5,12 @@ initialises; pytest imports this file before any test module. The train.py
 subprocesses of the tests inherit them (``helpers.subprocess_env``).
 
 ``--xla_cpu_use_fusion_emitters=false``: XLA:CPU's older fusion emitters
-compile the tiny train step about 40 % faster (10.4 -> 6.2 s on the CI's
-2-core machine; the suite went from 10 min 40 s to 8 min 6 s); the tests
-check results, never speed, so the emitters' run time does not matter.
+compile the tiny train step about 40 % faster; the tests check results,
+never speed. Newer XLA versions (jaxlib 0.12) no longer know the flag, and
+XLA aborts the whole process on an unknown flag in ``XLA_FLAGS``, so it is
+tried in a subprocess first and set only where this XLA accepts it. The
+probe runs once: pytest-xdist's workers inherit the controller's
+environment.
 
 Not used on purpose: ``--xla_backend_optimization_level=0`` compiles the
 tiny train step about 3x faster, but with it the tiny run's loss turned NaN
@@ -16,18 +19,46 @@ at step 3 where the default level trains normally (jaxlib 0.10.2, CPU).
 
 import collections
 import os
+import subprocess
+import sys
 
-_FLAGS = ("--xla_force_host_platform_device_count=4",
-          "--xla_cpu_use_fusion_emitters=false")
-for _flag in _FLAGS:
-  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=4"
+_OPTIONAL_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+# Set once the probe has run (inherited by pytest-xdist's workers).
+_PROBED = "TVERSKY_JAX_TEST_XLA_FLAGS_PROBED"
+
+
+def _xla_accepts(flag):
+  """Whether this jaxlib's XLA starts with ``flag`` in ``XLA_FLAGS``."""
+  flags = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  try:
+    return subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        timeout=300).returncode == 0
+  except subprocess.TimeoutExpired:
+    return False
+
+
+def _add_xla_flag(flag):
+  if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                               + flag).strip()
+
+
+_add_xla_flag(_DEVICES_FLAG)
+if _PROBED not in os.environ:
+  os.environ[_PROBED] = "1"
+  for _flag in _OPTIONAL_FLAGS:
+    if _xla_accepts(_flag):
+      _add_xla_flag(_flag)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 import pytest  # noqa: E402  (after the XLA flag on purpose)
 
-StraightRun = collections.namedtuple("StraightRun", "step params")
+StraightRun = collections.namedtuple("StraightRun", "step params losses")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +80,9 @@ def _session_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def straight_run(tiny_dataset, tmp_path_factory):
-  """An uninterrupted 6-step run on all 4 devices: (step, params).
+  """An uninterrupted 6-step run on all 4 devices: (step, params, losses).
+
+  ``losses`` are the logged training losses (steps 2, 4 and 6).
 
   Trained once per test session: the first pytest-xdist worker that needs
   it trains while holding a lock and saves the result; the others wait for
@@ -57,6 +90,7 @@ def straight_run(tiny_dataset, tmp_path_factory):
   """
   # pylint: disable=import-outside-toplevel
   import fcntl
+  import json
   import numpy as np
   from tests import helpers
   from tversky_jax import train_lib
@@ -71,12 +105,16 @@ def straight_run(tiny_dataset, tmp_path_factory):
       summary = train_lib.train_and_evaluate(config, workdir, progress=False)
       assert summary.step == 6 and not summary.interrupted
       step, params = helpers.saved_params(workdir, config)
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["train/loss"] for line in f
+                  if "train/loss" in line]
       partial = folder / "straight_run.partial.npz"
-      np.savez(partial, step, *params)
+      np.savez(partial, step, np.array(losses), *params)
       os.replace(partial, saved)
   with np.load(saved) as arrays:
-    step, *params = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-  return StraightRun(int(step), params)
+    step, losses, *params = [arrays[f"arr_{i}"]
+                             for i in range(len(arrays.files))]
+  return StraightRun(int(step), params, losses)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,6 +5,7 @@ Two processes with two CPU devices each run JAX's multi-controller runtime
 ``train.py``: the code path of a multi-host GPU or TPU job.
 """
 
+import json
 import signal
 import subprocess
 import sys
@@ -51,12 +52,15 @@ def test_two_processes_equal_one_process_and_stop_together_on_sigterm(
   logs = wait_all(two_process_job(tiny_dataset, workdir, tmp_path), tmp_path)
   assert "Done: 6 steps" in logs[0]
   assert "Done: 6 steps" not in logs[1]  # only process 0 reports
-  step, params = saved_params(str(workdir), tiny_config(tiny_dataset))
-  assert step == straight_run.step == 6
-  for a, b in zip(params, straight_run.params):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
+  assert saved_params(str(workdir), tiny_config(tiny_dataset))[0] == 6
+  # The same losses as one process (the tolerance and why parameters are
+  # not compared: test_train.py, test_data_parallel_run_follows_the_
+  # single_device_losses).
   metrics = workdir / "metrics.jsonl"
+  losses = [json.loads(line)["train/loss"]
+            for line in metrics.read_text().splitlines()]
+  np.testing.assert_allclose(losses, straight_run.losses, rtol=1e-3)
+
   logged = metrics.read_text().count("\n")
   processes = two_process_job(tiny_dataset, workdir, tmp_path,
                               **{"train.num_steps": 400,

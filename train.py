@@ -28,7 +28,8 @@ _WORKDIR = flags.DEFINE_string(
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Start JAX's multi-process runtime: auto = when a coordinator is given or "
-    "SLURM/Open MPI/TPU-pod variables show several processes.")
+    "this process is one of several started by srun (a SLURM job step), Open "
+    "MPI or a TPU pod; a batch script or salloc shell alone runs one process.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator", None, "host:port of process 0 (clusters JAX does not "
     "auto-detect); needs --num_processes and --process_id.")

@@ -11,6 +11,8 @@ machinery).
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -68,6 +70,18 @@ def localize(tree: Any, mesh: Mesh) -> Any:
       lambda x: jax.device_put(x.addressable_data(0), sharding), tree)
 
 
+DEFAULT_INIT_TIMEOUT_S = 300
+# jax.distributed.initialize gets this much longer than our own deadline, so
+# that our one-line error comes first: JAX itself ends a start that timed out
+# with a C++ check failure and a stack trace that name no missing process.
+_JAX_TIMEOUT_MARGIN_S = 30
+# (name, rank variable, size variable) of the launchers JAX auto-detects, in
+# the order JAX tries them, with the variables it reads; only for the
+# start-up line.
+_LAUNCHERS = (("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+              ("SLURM step", "SLURM_PROCID", "SLURM_NTASKS"))
+
+
 def _env_count(name: str) -> int:
   try:
     return int(os.environ.get(name, "1").split("(")[0])
@@ -75,26 +89,104 @@ def _env_count(name: str) -> int:
     return 1
 
 
-def cluster_job_detected() -> bool:
-  """Whether the environment describes a job of several processes.
+def _slurm_step_tasks() -> int:
+  """The task count of the srun job step this process is a task of, else 1.
 
-  Looks at the variables set by SLURM (``SLURM_NTASKS`` or
-  ``SLURM_STEP_NUM_TASKS`` > 1), Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1),
-  Cloud TPU pods (several ``TPU_WORKER_HOSTNAMES``) and Kubernetes JobSets or
-  indexed Jobs launched with ``JAX_COORDINATOR_ADDRESS``.
+  srun sets ``SLURM_STEP_NUM_TASKS`` (with ``SLURM_STEP_ID``) and the task's
+  ``SLURM_PROCID`` in every task it starts. A batch script or an ``salloc``
+  shell has ``SLURM_NTASKS``, the allocation's task count, but runs as one
+  process: ``SLURM_STEP_NUM_TASKS`` is unset there, or 1 in the one-task
+  interactive step of ``salloc``. Where JAX's own SLURM detection applies
+  (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``, ``SLURM_PROCID`` and
+  ``SLURM_LOCALID`` set), it takes ``SLURM_NTASKS`` as the process count, and
+  there it would wait for tasks nobody starts.
   """
-  return (_env_count("SLURM_STEP_NUM_TASKS") > 1
-          or _env_count("SLURM_NTASKS") > 1
+  if "SLURM_PROCID" not in os.environ:
+    return 1
+  return _env_count("SLURM_STEP_NUM_TASKS")
+
+
+def cluster_job_detected() -> bool:
+  """Whether this process was launched as one of several processes of a job.
+
+  True for a task of a SLURM job step of several tasks (``srun``:
+  ``SLURM_STEP_NUM_TASKS`` > 1 and ``SLURM_PROCID`` set; ``SLURM_NTASKS``
+  alone, as in a batch script or an ``salloc`` shell, does not count), Open
+  MPI (``OMPI_COMM_WORLD_SIZE`` > 1), Cloud TPU pods (several
+  ``TPU_WORKER_HOSTNAMES``) and Kubernetes JobSets or indexed Jobs launched
+  with ``JAX_COORDINATOR_ADDRESS``.
+  """
+  return (_slurm_step_tasks() > 1
           or _env_count("OMPI_COMM_WORLD_SIZE") > 1
           or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
           or "JAX_COORDINATOR_ADDRESS" in os.environ)
+
+
+def _this_process(num_processes: int | None, process_id: int | None) -> str:
+  """"process I of N" from the arguments or the launcher's variables."""
+  if process_id is not None:
+    return f"process {process_id} of {num_processes}"
+  for name, rank, size in _LAUNCHERS:
+    if _env_count(size) > 1 and rank in os.environ:
+      return f"process {os.environ[rank]} of {_env_count(size)} ({name})"
+  return "this process"
+
+
+def _abort(message: str) -> None:
+  """Writes ``message`` to stderr and ends the process with status 1 at once.
+
+  Called by the start-up watchdog thread while the main thread is blocked in
+  JAX's C++ start-up, which no exception would interrupt.
+  """
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _start(timeout_s: float, **kwargs) -> None:
+  """``jax.distributed.initialize(**kwargs)``, saying on stderr what it waits
+  for; after ``timeout_s`` seconds without all processes, a one-line error
+  and exit status 1."""
+  who = _this_process(kwargs["num_processes"], kwargs["process_id"])
+  where = (kwargs["coordinator_address"]
+           or os.environ.get("JAX_COORDINATOR_ADDRESS")
+           or "the address JAX derives from the environment")
+  print(f"Starting JAX's distributed runtime: {who}, waiting up to "
+        f"{timeout_s:g} s for the others at {where}...", file=sys.stderr,
+        flush=True)
+  watchdog = threading.Timer(timeout_s, _abort, args=(
+      f"error: JAX's distributed runtime did not start within {timeout_s:g} "
+      f"s: {who} waited for the others at {where}, and not all came. Every "
+      "process that starts prints a \"Starting JAX's distributed runtime\" "
+      f"line; those missing were not launched or cannot reach {where}.",))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(
+        **kwargs,
+        initialization_timeout=int(timeout_s) + _JAX_TIMEOUT_MARGIN_S)
+  finally:
+    watchdog.cancel()
+
+
+def _note_single_process_in_slurm_job() -> None:
+  """Tells on stderr why an allocation of several tasks runs one process."""
+  tasks = _env_count("SLURM_NTASKS")
+  if tasks > 1:
+    print(f"note: SLURM_NTASKS={tasks}, but this process is no task of an "
+          "srun job step of several tasks, so it trains alone: `python "
+          "train.py` does not start the job's other tasks; run `srun python "
+          "train.py ...` for one process per task.", file=sys.stderr,
+          flush=True)
 
 
 def initialize_distributed(mode: str = "auto", *,
                            coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None,
-                           local_device_ids: Sequence[int] | None = None
+                           local_device_ids: Sequence[int] | None = None,
+                           initialization_timeout: float = (
+                               DEFAULT_INIT_TIMEOUT_S)
                            ) -> bool:
   """Starts JAX's multi-controller runtime when the job spans processes.
 
@@ -104,7 +196,9 @@ def initialize_distributed(mode: str = "auto", *,
     mode: "auto" starts it when a coordinator is given or
       :func:`cluster_job_detected`; "on" always (JAX then auto-detects SLURM,
       Open MPI, Kubernetes or Cloud TPU unless the arguments are given); "off"
-      never.
+      never. In "auto" mode inside a SLURM allocation of several tasks but
+      outside an srun step, a note on stderr says that only this process
+      runs.
     coordinator_address: ``host:port`` of process 0, for clusters JAX does not
       detect; then ``num_processes`` and ``process_id`` are needed too.
     num_processes: total number of processes.
@@ -112,6 +206,9 @@ def initialize_distributed(mode: str = "auto", *,
     local_device_ids: the local accelerators this process drives. On SLURM,
       JAX assumes one process per GPU; with one process per node list all of
       the node's GPUs, e.g. ``0,1,2,3``.
+    initialization_timeout: seconds to wait for all processes to connect.
+      Each process says on stderr what it waits for; when the time is up it
+      prints a one-line error and exits with status 1.
 
   Returns:
     True when the distributed runtime was started.
@@ -127,15 +224,35 @@ def initialize_distributed(mode: str = "auto", *,
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}.")
   explicit = coordinator_address is not None
-  if mode == "off" or (mode == "auto" and not explicit and
-                       not cluster_job_detected()):
+  if mode == "off":
+    return False
+  if mode == "auto" and not explicit and not cluster_job_detected():
+    _note_single_process_in_slurm_job()
     return False
   if explicit and (num_processes is None or process_id is None):
     raise ValueError("--coordinator needs --num_processes and --process_id.")
-  jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes,
-      process_id=process_id,
-      local_device_ids=list(local_device_ids) if local_device_ids else None)
+  _start(initialization_timeout,
+         coordinator_address=coordinator_address,
+         num_processes=num_processes, process_id=process_id,
+         local_device_ids=list(local_device_ids) if local_device_ids else None)
   if jax.process_count() > 1:
+    _no_persistent_cache_on_cpu()
     multihost_utils.sync_global_devices("tversky_jax: processes started")
   return True
+
+
+def _no_persistent_cache_on_cpu() -> None:
+  """Turns JAX's persistent compilation cache off in a multi-process CPU job.
+
+  With jaxlib 0.12, processes that load a multi-process CPU program from
+  the cache (all but the first run of it) hang in its first collective:
+  the deserialised executable does not take up this process's place in the
+  job (cf. openxla/xla#18286 for the same class of bug on GPU). Compiling
+  costs seconds; a hang costs the job.
+  """
+  if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+    jax.config.update("jax_enable_compilation_cache", False)
+    if jax.config.jax_compilation_cache_dir and jax.process_index() == 0:
+      print("note: JAX's persistent compilation cache is off in this "
+            "multi-process CPU job (cached multi-process CPU programs hang "
+            "on load).", file=sys.stderr, flush=True)

@@ -13,12 +13,14 @@ how much space the machine has.
 import collections
 import contextlib
 import errno
+import logging
 import os
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -275,3 +277,52 @@ def test_a_full_disk_is_named_even_behind_orbax_clean_up_errors(
   full = str(manager._write_error(PermissionError(errno.EACCES, "denied")))
   assert "no space left on device" in full
   manager.close()
+
+
+def test_orbax_reports_of_a_failed_async_write_are_silenced_until_wait(
+    tmp_path, monkeypatch, caplog, capfd):
+  """A failed background write is reported by orbax's threads (with a
+  traceback each), also after save() returned, before wait() raises it as
+  one CheckpointError: the reports stay filtered from save() until wait(),
+  then the filters go."""
+  from orbax.checkpoint._src.metadata import checkpoint as orbax_metadata
+  returned, failed = threading.Event(), threading.Event()
+  silenced_at_failure = []
+
+  def full_disk(store, path, metadata):
+    returned.wait(timeout=30)  # fail once no call of the manager runs
+    silenced_at_failure.append(_silenced())
+    failed.set()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  silenced = _silenced()  # False, unless a manager elsewhere is saving
+  manager = checkpoint.CheckpointManager(tmp_path / "ckpt", best_metric=None)
+  manager.save(1, {"w": np.arange(1000, dtype=np.float32)},
+               data_state=None, meta={})
+  manager.wait()
+  monkeypatch.setattr(orbax_metadata._MetadataStoreImpl, "write", full_disk)
+  caplog.set_level(logging.INFO)
+  manager.save(2, {"w": np.ones(1000, np.float32)}, data_state=None,
+               meta={})
+  returned.set()
+  assert failed.wait(timeout=30)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="no space left on device"):
+    manager.wait()
+  with contextlib.suppress(checkpoint.CheckpointError):
+    manager.close()
+  assert silenced_at_failure and all(silenced_at_failure)
+  orbax = f"{os.sep}orbax{os.sep}"
+  reports = [r for r in caplog.records
+             if r.levelno >= logging.WARNING and orbax in r.pathname]
+  assert not reports, [r.getMessage()[:200] for r in reports]
+  assert "Traceback" not in "".join(capfd.readouterr())
+  assert _silenced() == silenced
+
+
+def _silenced():
+  """Whether a report of orbax's is filtered out now."""
+  return not logging.getLogger("absl").filter(logging.LogRecord(
+      "absl", logging.ERROR, os.path.join(os.path.dirname(ocp.__file__),
+                                          "checkpoint_manager.py"),
+      1, "report", None, None))

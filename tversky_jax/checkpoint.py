@@ -13,8 +13,16 @@ Prediction reads a part of ``state`` only (the model's variables, not the
 optimizer's moments: :meth:`CheckpointManager.restore_subtree`).
 
 The latest ``max_to_keep`` checkpoints are kept, plus the best one by a
-validation metric. A checkpoint that cannot be read back (a killed write, a
-truncated file) is skipped with a warning and the previous one is used.
+validation metric. A checkpoint that cannot be read back because its files
+are damaged (a killed write, a truncated or missing file) is moved aside with
+a warning and the previous one is used; any other failure to read (no
+permission, no memory, an I/O error) is raised with nothing moved (see
+:func:`_is_corrupt`).
+
+The manager changes nothing of the process for longer than its own calls:
+orbax's failure reports are filtered only while one of them (or an
+asynchronous write) runs, and its array handler for single-process saves is
+given to this manager's ``state`` item, not registered globally.
 """
 
 from __future__ import annotations
@@ -22,11 +30,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -37,7 +49,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 PyTree = Any
 
-_ITEMS = ("state", "data", "meta")
 # How the manager names its step folders: the step number ("1234"), orbax's
 # default without a step_prefix or fixed length; restore_subtree finds the
 # folder of a step with it.
@@ -79,8 +90,6 @@ class CheckpointManager:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
-    _silence_orbax_failure_reports()
-    _write_replicated_arrays_whole()
     self.directory = os.fspath(os.path.abspath(directory))
     self.best_metric = best_metric
     keep = [policies.LatestN(n=max_to_keep)]
@@ -95,8 +104,11 @@ class CheckpointManager:
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=_ITEMS)
+    self._async = async_save
+    self._write_pending = False
+    with _quiet_orbax():
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, handler_registry=_handlers())
 
   def save(self, step: int, state: PyTree, *, data_state: dict | None,
            meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
@@ -109,21 +121,42 @@ class CheckpointManager:
     folder only once every file is written.
     """
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(data_state or {}),
         meta=ocp.args.JsonSave(dict(meta, step=int(step))))
     try:
-      self._manager.save(int(step), args=args, metrics=metrics, force=True)
+      with _quiet_orbax():
+        self._manager.save(int(step), args=args, metrics=metrics, force=True)
+        if self._async:
+          self._hold_quiet()
     except Exception as error:  # OSError, or tensorstore's ValueError
-      # An earlier asynchronous save may be the one that failed.
+      # An earlier asynchronous save may be the one that failed; orbax
+      # waited for it first, so no write is pending now.
+      self._release_quiet()
       raise self._write_error(error) from error
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     try:
-      self._manager.wait_until_finished()
+      with _quiet_orbax():
+        self._manager.wait_until_finished()
     except Exception as error:  # OSError, or tensorstore's ValueError
       raise self._write_error(error) from error
+    finally:
+      self._release_quiet()
+
+  def _hold_quiet(self) -> None:
+    """Keeps orbax's failure reports silenced until :meth:`wait` or
+    :meth:`close`: orbax's threads report a failed asynchronous write
+    before either raises it."""
+    if not self._write_pending:
+      _quiet_begin()
+      self._write_pending = True
+
+  def _release_quiet(self) -> None:
+    if self._write_pending:
+      self._write_pending = False
+      _quiet_end()
 
   def _write_error(self, error: Exception) -> CheckpointError:
     reason = ("no space left on device"
@@ -140,12 +173,13 @@ class CheckpointManager:
     try:
       self.wait()
     finally:
-      with contextlib.suppress(Exception):  # the same failure, if any
+      with _quiet_orbax(), contextlib.suppress(Exception):  # the same failure
         self._manager.close()
 
   def all_steps(self) -> list[int]:
-    self._manager.reload()
-    return sorted(self._manager.all_steps())
+    with _quiet_orbax():
+      self._manager.reload()
+      return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -156,8 +190,9 @@ class CheckpointManager:
 
     Without a ``best_metric`` this is the latest step.
     """
-    self._manager.reload()
-    return self._manager.best_step()
+    with _quiet_orbax():
+      self._manager.reload()
+      return self._manager.best_step()
 
   def restore(self, abstract_state: PyTree, step: int | None = None
               ) -> Restored | None:
@@ -167,15 +202,16 @@ class CheckpointManager:
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings)
         of the same structure as the saved state.
       step: the step to restore. None restores the latest readable
-        checkpoint: a newer one that fails to load is reported with a warning
-        and skipped.
+        checkpoint: a newer one whose files are damaged is reported with a
+        warning, skipped and, once an older one is read, moved aside.
 
     Returns:
       The restored checkpoint, or None when the directory holds none.
 
     Raises:
-      CheckpointError: ``step`` was given and cannot be read, or checkpoints
-        exist but none can be read.
+      CheckpointError: ``step`` was given and cannot be read; or checkpoints
+        exist but none can be read; or reading failed for a reason other
+        than damaged files (see :func:`_is_corrupt`), which moves nothing.
     """
     steps = self.all_steps()
     if step is not None:
@@ -189,6 +225,10 @@ class CheckpointManager:
       try:
         restored = self._restore_step(abstract_state, candidate)
       except CheckpointError as error:
+        if not _is_corrupt(error.__cause__):
+          raise CheckpointError(
+              f"{error}; nothing was moved: the error does not show damaged "
+              "files, the checkpoint may be intact") from error.__cause__
         failures.append(candidate)
         _warn(f"warning: {error}; trying the previous checkpoint.")
         continue
@@ -213,7 +253,8 @@ class CheckpointManager:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"quarantine_{step}")
-    self._manager.reload()
+    with _quiet_orbax():
+      self._manager.reload()
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     """Reads only the JSON metadata (step, config, metrics) of ``step``.
@@ -222,8 +263,9 @@ class CheckpointManager:
       CheckpointError: the metadata cannot be read.
     """
     try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      with _quiet_orbax():
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as error:  # orbax/tensorstore raise many kinds
       raise self._read_error(step, error) from error
     return dict(restored.meta)
@@ -263,7 +305,8 @@ class CheckpointManager:
     try:
       path = ocp.path.step.find_step_path(self.directory, _STEP_FORMAT,
                                           step=step)
-      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      with (_quiet_orbax(),
+            ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer):
         restored = checkpointer.restore(path / "state", args=args)
       _check_subtree(restored, abstract_subtree)
     except Exception as error:  # orbax/tensorstore raise many kinds
@@ -275,7 +318,8 @@ class CheckpointManager:
                               data=ocp.args.JsonRestore(),
                               meta=ocp.args.JsonRestore())
     try:
-      restored = self._manager.restore(step, args=args)
+      with _quiet_orbax():
+        restored = self._manager.restore(step, args=args)
     except Exception as error:  # orbax/tensorstore raise many kinds
       raise self._read_error(step, error) from error
     return Restored(step=step, state=restored.state,
@@ -283,9 +327,45 @@ class CheckpointManager:
                     meta=dict(restored.meta))
 
   def _read_error(self, step: int, error: Exception) -> CheckpointError:
+    reason = type(error).__name__
+    if str(error).strip():
+      reason += f": {_first_line(error)}"
     return CheckpointError(
         f"checkpoint of step {step} in {self.directory} is unreadable "
-        f"({type(error).__name__}: {_first_line(error)})")
+        f"({reason})")
+
+
+def _handlers() -> ocp.handlers.CheckpointHandlerRegistry:
+  """The handlers of the three items: ``state`` is written by a handler of
+  this manager's own (:func:`_state_writer`) and read by orbax's standard
+  one; the format is the same."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.PyTreeSave, _state_writer())
+  registry.add("state", ocp.args.StandardRestore)
+  for item in ("data", "meta"):
+    registry.add(item, ocp.args.JsonSave)
+    registry.add(item, ocp.args.JsonRestore)
+  return registry
+
+
+def _state_writer() -> ocp.PyTreeCheckpointHandler:
+  """In a single process, replicated arrays are written from one device.
+
+  Orbax's default (replica-parallel saving, off by default on GPU only)
+  has every device write a slice of each replicated array, which pays off
+  when the replicas live on different hosts. In one process every slice is
+  written by the same process anyway, and on CPU cutting them compiled
+  about 100 small slicing programs: the first save of the tests' tiny
+  model took 2.7 s instead of 0.5 s in a fresh process. The array handler
+  is this writer's only: orbax's global registry belongs to the process.
+  """
+  if jax.process_count() > 1:
+    return ocp.PyTreeCheckpointHandler()
+  types = ocp.type_handlers
+  registry = types.create_type_handler_registry(
+      *((ty, types.get_type_handler(ty)) for ty in types.supported_types()),
+      (jax.Array, types.ArrayHandler(use_replica_parallel=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _check_subtree(restored: PyTree, abstract: PyTree) -> None:
@@ -326,17 +406,77 @@ def _disk_full(error: BaseException, directory: str | os.PathLike) -> bool:
   asynchronous write sometimes raises its own error (e.g. a missing
   temporary folder) in place of the ENOSPC that started it.
   """
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if (getattr(error, "errno", None) == errno.ENOSPC
-        or "No space left on device" in str(error)):
-      return True
-    error = error.__cause__ or error.__context__
+  if any(getattr(link, "errno", None) == errno.ENOSPC
+         or "No space left on device" in str(link) for link in _chain(error)):
+    return True
   try:
     return shutil.disk_usage(directory).free < _FULL_DISK_BYTES
   except OSError:
     return False
+
+
+def _chain(error: BaseException | None):
+  """``error`` and the errors it was raised from or while handling."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+_DAMAGE, _ENVIRONMENT = "damage", "environment"
+# tensorstore raises ValueError with its status code first ("OUT_OF_RANGE:
+# ..."; none for INVALID_ARGUMENT) and, for a failed system call, its errno
+# as os_error_code. These codes without an errno mean missing or malformed
+# stored bytes: a missing file (NOT_FOUND), one shorter than the index says
+# (OUT_OF_RANGE), undecodable data (DATA_LOSS, FAILED_PRECONDITION).
+_DAMAGE_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS",
+                 "FAILED_PRECONDITION")
+_STATUS_CODE = re.compile(r"([A-Z][A-Z_]+): ")
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _is_corrupt(error: BaseException | None) -> bool:
+  """Whether a failed read shows that the checkpoint's own files are damaged.
+
+  The rule: some error of the chain (``error``, the errors it was raised
+  from or while handling) is a sign of damage, and none is a sign of a
+  failing environment (see :func:`_sign`). A damaged step is moved aside
+  and its training redone, so only evident damage may cost that; any other
+  failure (no permission, no memory, an I/O error, a target that does not
+  fit, an error of unknown kind) is raised with the checkpoint in place.
+  """
+  signs = {_sign(link) for link in _chain(error)}
+  return _DAMAGE in signs and _ENVIRONMENT not in signs
+
+
+def _sign(error: BaseException) -> str | None:
+  """What one error of a failed read says: damage, environment or nothing.
+
+  Damage: a missing file (FileNotFoundError, orbax's KeyError for a missing
+  item, tensorstore's NOT_FOUND or ENOENT), undecodable content (JSON,
+  tensorstore's damage codes or "Error decoding"). Environment: any other
+  errno (EACCES, EIO, ESTALE, ETIMEDOUT...), MemoryError, any other status
+  code (RESOURCE_EXHAUSTED of an XLA allocation, PERMISSION_DENIED...).
+  """
+  if isinstance(error, MemoryError):
+    return _ENVIRONMENT
+  if isinstance(error, FileNotFoundError):
+    return _DAMAGE
+  if isinstance(error, OSError) and error.errno is not None:
+    return _ENVIRONMENT
+  if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+    return _DAMAGE
+  text = str(error)
+  if isinstance(error, KeyError) and "not found in the checkpoint" in text:
+    return _DAMAGE
+  if code := _OS_ERROR_CODE.search(text):
+    return _DAMAGE if int(code.group(1)) == errno.ENOENT else _ENVIRONMENT
+  if status := _STATUS_CODE.match(text):
+    return _DAMAGE if status.group(1) in _DAMAGE_CODES else _ENVIRONMENT
+  if isinstance(error, ValueError) and "Error decoding" in text:
+    return _DAMAGE
+  return None
 
 
 def _first_line(error: Exception) -> str:
@@ -377,35 +517,58 @@ def _unraisable_hook(unraisable: Any) -> None:
     _previous_unraisable_hook(unraisable)
 
 
-_previous_unraisable_hook = sys.unraisablehook
 _FILTER = _OrbaxFailureFilter()
+_FILTERED_LOGGERS = ("absl", "asyncio")
+# How many calls of managers (and pending asynchronous writes) need the
+# filter and the hook; they are installed while there is one.
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_previous_unraisable_hook = sys.unraisablehook
 
 
-def _write_replicated_arrays_whole() -> None:
-  """In a single process, replicated arrays are written from one device.
-
-  Orbax's default (replica-parallel saving, off by default on GPU only)
-  has every device write a slice of each replicated array, which pays off
-  when the replicas live on different hosts. In one process every slice is
-  written by the same process anyway, and on CPU cutting them compiled
-  about 100 small slicing programs: the first save of the tests' tiny
-  model took 2.7 s instead of 0.5 s in a fresh process."""
-  if jax.process_count() == 1:
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-        override=True)
+def _quiet_begin() -> None:
+  """Installs the filter and the hook, unless another call already did."""
+  global _quiet_users, _previous_unraisable_hook
+  with _quiet_lock:
+    _quiet_users += 1
+    if _quiet_users == 1:
+      for name in _FILTERED_LOGGERS:
+        logging.getLogger(name).addFilter(_FILTER)
+      _previous_unraisable_hook = sys.unraisablehook
+      sys.unraisablehook = _unraisable_hook
 
 
-def _silence_orbax_failure_reports() -> None:
-  """Installs the filters above once per process (idempotent)."""
-  global _previous_unraisable_hook
-  for name in ("absl", "asyncio"):
-    logger = logging.getLogger(name)
-    if _FILTER not in logger.filters:
-      logger.addFilter(_FILTER)
-  if sys.unraisablehook is not _unraisable_hook:
-    _previous_unraisable_hook = sys.unraisablehook
-    sys.unraisablehook = _unraisable_hook
+def _quiet_end() -> None:
+  """Removes them once no call needs them: they belong to the process."""
+  global _quiet_users
+  with _quiet_lock:
+    _quiet_users -= 1
+    if _quiet_users == 0:
+      for name in _FILTERED_LOGGERS:
+        logging.getLogger(name).removeFilter(_FILTER)
+      if sys.unraisablehook is _unraisable_hook:  # else leave the newer one
+        sys.unraisablehook = _previous_unraisable_hook
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Silences orbax's failure reports during one orbax call of a manager.
+
+  A failed call leaves orbax's unawaited tasks behind, held by the frames
+  of the error's traceback and reported when they are collected: the
+  frames are let go and collected before the filters go (the error reaches
+  the user as one line; its orbax frames would only be noise).
+  """
+  _quiet_begin()
+  try:
+    yield
+  except Exception as error:
+    for link in _chain(error):
+      link.__traceback__ = None
+    gc.collect()
+    raise
+  finally:
+    _quiet_end()
 
 
 def _warn(message: str) -> None:

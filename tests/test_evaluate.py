@@ -4,13 +4,18 @@ import csv
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 
+from tests import helpers
 from tversky_jax import evaluate
 from tversky_jax import metrics as metrics_lib
+from tversky_jax import validation
 from tversky_jax.data import synthetic
+from tversky_jax.training_data import ValidationCase
 
 SHAPE = (12, 12, 12)
 AFFINE = np.diag([-1.0, 1.0, 2.0, 1.0])
@@ -106,6 +111,79 @@ def test_precision_recall_curve_gives_the_metrics_ap():
   assert evaluate.precision_recall_curve(prob, np.zeros_like(ref))[0].size == 0
 
 
+def _random_cases(seed=0, count=4):
+  """``count`` (probability, reference) pairs of different shapes, scores
+  rounded to 2 decimals (ties within and across cases); the second has no
+  lesion."""
+  rng = np.random.default_rng(seed)
+  cases = []
+  for i in range(count):
+    shape = (6 + i, 7, 5 + 2 * i)
+    ref = rng.random(shape) < (0.0 if i == 1 else 0.15)
+    prob = np.clip(0.3 * ref + 0.8 * rng.random(shape), 0, 1)
+    cases.append((np.round(prob, 2).astype(np.float32), ref))
+  return cases
+
+
+def test_pooled_ap_from_merged_count_tables_equals_sklearn():
+  sklearn_metrics = pytest.importorskip("sklearn.metrics")
+  cases = _random_cases()
+  scores = np.concatenate([p.ravel() for p, _ in cases])
+  labels = np.concatenate([r.ravel() for _, r in cases])
+  expected = sklearn_metrics.average_precision_score(labels, scores)
+  merged = evaluate.merge_score_counts(
+      [evaluate.score_counts(p, r) for p, r in cases])
+  assert merged.voxels.sum() == scores.size
+  assert merged.positives.sum() == labels.sum()
+  assert evaluate.average_precision_from_counts(merged) == pytest.approx(
+      expected, rel=1e-12)
+  # The same curve as from all the voxels at once, in any merge order.
+  for got, want in zip(evaluate.curve_from_counts(merged),
+                       evaluate.precision_recall_curve(scores, labels)):
+    np.testing.assert_array_equal(got, want)
+  reordered = evaluate.merge_score_counts(
+      [evaluate.score_counts(p, r) for p, r in cases[::-1]])
+  np.testing.assert_array_equal(reordered.positives, merged.positives)
+  # What the pool reports (the cases added one by one).
+  pool = evaluate.ClassPool()
+  for i, (prob, ref) in enumerate(cases):
+    pool.add(evaluate.evaluate_case(prob >= 0.5, ref, prob, f"c{i}"), prob,
+             ref)
+  evaluation = pool.finish(1, "lesion")
+  assert evaluation.pooled["apr"] == pytest.approx(expected, rel=1e-12)
+  assert sorted(evaluation.curves) == ["c0", "c2", "c3", "pooled"]
+  assert math.isnan(evaluate.average_precision_from_counts(
+      evaluate.score_counts(*cases[1])))
+
+
+def test_pooled_ap_beyond_int32_voxels_from_counts():
+  """4.5e9 voxels (> 2**31) in two tables: int32 counts would overflow."""
+  first = evaluate.ScoreCounts(np.array([0.1, 0.9], np.float32),
+                               np.array([1_200_000_000, 1_500_000_000]),
+                               np.array([40_000_000, 1_200_000_000]))
+  second = evaluate.ScoreCounts(np.array([0.1, 0.5], np.float32),
+                                np.array([800_000_000, 1_000_000_000]),
+                                np.array([60_000_000, 300_000_000]))
+  merged = evaluate.merge_score_counts([first, second])
+  np.testing.assert_array_equal(merged.voxels, [2_000_000_000, 1_000_000_000,
+                                                1_500_000_000])
+  assert merged.voxels.sum() > 2**31
+  # Thresholds 0.9, 0.5, 0.1: (positives, voxels) at or above each.
+  above = [(1_200_000_000, 1_500_000_000), (1_500_000_000, 2_500_000_000),
+           (1_600_000_000, 4_500_000_000)]
+  positives = 1_600_000_000
+  expected, last_tp = 0.0, 0
+  for tp, predicted in above:
+    expected += (tp - last_tp) / positives * (tp / predicted)
+    last_tp = tp
+  assert expected == pytest.approx(0.6 + 0.1125 + 1 / 45, rel=1e-15)
+  assert evaluate.average_precision_from_counts(merged) == pytest.approx(
+      expected, rel=1e-12)
+  precision, recall = evaluate.curve_from_counts(merged)
+  np.testing.assert_allclose(precision, [0.8, 0.6, 16 / 45], rtol=1e-15)
+  np.testing.assert_allclose(recall, [0.75, 0.9375, 1.0], rtol=1e-15)
+
+
 @pytest.fixture
 def folders(tmp_path):
   """Case 'hand' (above) and case 'empty' (no lesion, nothing predicted)."""
@@ -147,15 +225,84 @@ def test_folders_csv_with_pooled_and_mean_rows(folders):
   assert float(pooled["apr"]) == pytest.approx(APR, rel=1e-6)
   assert int(pooled["ref_lesions"]) == 4
   assert float(pooled["lesion_f1"]) == pytest.approx(2 / 3)
-  # Mean: of the per-case values; APR over the cases that have lesions.
-  assert float(mean["dsc"]) == pytest.approx((12 / 29 + 1) / 2, rel=1e-6)
-  assert float(mean["lesion_f1"]) == pytest.approx((2 / 3 + 1) / 2)
+  # Mean: of the per-case values; the empty case (reference and prediction
+  # empty) is left out of DSC, sensitivity, precision, F2, APR and the lesion
+  # ratios, not of specificity nor of the counts.
+  for name in ("dsc", "sensitivity", "precision", "f2", "lesion_precision",
+               "lesion_recall", "lesion_f1"):
+    assert float(mean[name]) == pytest.approx(float(hand[name]), rel=1e-6)
+  assert float(mean["specificity"]) == pytest.approx((1705 / 1714 + 1) / 2)
   assert float(mean["apr"]) == pytest.approx(APR, rel=1e-6)
   assert float(mean["ref_lesions"]) == 2.0
+  assert {k: result.mean[k] for k in evaluate.EMPTY_COLUMNS} == {
+      "empty_cases": 1, "empty_fp_cases": 0, "empty_fp_voxels": 0}
   assert result.pooled["dsc"] == pytest.approx(12 / 29, rel=1e-6)
   assert sorted(result.curves) == ["hand", "pooled"]
   assert result.plot_path == out / "pr_curve.png"
   assert (out / "pr_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _pool(*cases):
+  """The ClassEvaluation of ``(prediction, reference)`` pairs, no
+  probabilities."""
+  pool = evaluate.ClassPool()
+  for i, (pred, ref) in enumerate(cases):
+    pool.add(evaluate.evaluate_case(pred, ref, case_id=f"c{i}"), None, ref)
+  return pool.finish(1, "lesion")
+
+
+def test_empty_references_are_left_out_of_the_mean():
+  ref, pred, _ = hand_made_case()
+  zeros = np.zeros_like(ref)
+  hand = evaluate.evaluate_case(pred, ref).metrics()
+  # An empty case with an empty prediction does not raise the mean DSC.
+  mean = _pool((pred, ref), (zeros, zeros)).mean
+  assert mean["dsc"] == pytest.approx(hand["dsc"], rel=1e-6)
+  assert mean["f2"] == pytest.approx(hand["f2"], rel=1e-6)
+  assert (mean["empty_cases"], mean["empty_fp_cases"]) == (1, 0)
+  # With false positives it is still out of DSC, and reported apart; its
+  # precision (0: all predicted voxels are false) counts.
+  fp = np.zeros_like(ref)
+  fp[0, 0, 5:8] = 1
+  mean = _pool((pred, ref), (fp, zeros), (zeros, zeros)).mean
+  assert mean["dsc"] == pytest.approx(hand["dsc"], rel=1e-6)
+  assert mean["precision"] == pytest.approx(hand["precision"] / 2, rel=1e-6)
+  assert {k: mean[k] for k in evaluate.EMPTY_COLUMNS} == {
+      "empty_cases": 2, "empty_fp_cases": 1, "empty_fp_voxels": 3}
+  # A class empty in every case: undefined (NaN), never 1.
+  nothing = _pool((zeros, zeros), (zeros, zeros))
+  for values in (nothing.mean, nothing.pooled):
+    for name in ("dsc", "sensitivity", "f2", "apr", "lesion_recall",
+                 "lesion_f1"):
+      assert math.isnan(values[name]), name
+  assert nothing.mean["specificity"] == 1.0
+  assert nothing.cases[0].metrics()["dsc"] == 1.0  # the case row's rule
+
+
+def test_validation_mean_skips_empty_cases_and_classes():
+  """validation.evaluate_cases, what ranks checkpoints: class 1 is in one of
+  the two cases, class 2 in none."""
+  def logits_fn(images):  # the first channel is the predicted class map
+    return 20.0 * jax.nn.one_hot(images[..., 0].astype(jnp.int32), 3)
+
+  label = np.zeros((16, 16, 16), np.uint8)
+  label[4:10, 4:10, 4:10] = 1
+  found = np.roll(label, 2, axis=0)  # DSC 2 * 144 / 432 = 2/3
+  cases = [ValidationCase(case_id, image[..., None].astype(np.float32), ref)
+           for case_id, image, ref in (("lesion", found, label),
+                                       ("empty", 0 * label, 0 * label))]
+  config = helpers.tiny_config("/unused")
+  config.inference.overlap = 0.0
+  values = validation.evaluate_cases(cases, logits_fn, config, (16, 16, 16),
+                                     ("background", "lesion", "other"),
+                                     jax.devices()[:1])
+  assert values["dsc/lesion"] == pytest.approx(2 / 3, rel=1e-6)
+  assert math.isnan(values["dsc/other"])
+  assert math.isnan(values["pooled_dsc/other"])
+  assert values["dsc"] == pytest.approx(2 / 3, rel=1e-6)
+  assert values["f2"] == pytest.approx(values["f2/lesion"])
+  assert (values["empty_cases/lesion"], values["empty_cases/other"],
+          values["empty_cases"], values["empty_fp_cases"]) == (1, 2, 3, 0)
 
 
 def test_cli_prints_the_table(folders, capsys):
@@ -169,6 +316,8 @@ def test_cli_prints_the_table(folders, capsys):
   assert hand.split()[1] == f"{100 * 12 / 29:.2f}"
   assert "3/4" in hand.split()
   assert any(line.startswith("pooled") for line in lines)
+  assert lines[-3].startswith("empty reference: 1 case(s), 0 with false "
+                              "positives (0 voxels); not in the mean of DSC")
   assert (out / "metrics.csv").exists()
 
 
@@ -411,8 +560,9 @@ def test_class_folders_csv_rows_and_per_class_apr(class_folders):
     assert int(pooled["tn"]) == tn + 1000
     # The extra background voxels rank last: the pooled AP is the same.
     assert float(pooled["apr"]) == pytest.approx(APR3[k], rel=1e-6)
+    # Case 'zeros' has no voxel of the class: not in the mean DSC.
     assert float(by_key["mean", name]["dsc"]) == pytest.approx(
-        (2 * tp / (2 * tp + fp + fn) + 1) / 2)
+        2 * tp / (2 * tp + fp + fn))
   dscs = [2 * c[0] / (2 * c[0] + c[1] + c[2]) for c, _ in COUNTS3.values()]
   assert float(by_key["pooled", "mean"]["dsc"]) == pytest.approx(
       np.mean(dscs))
@@ -491,7 +641,8 @@ def test_cli_prints_a_table_per_class(class_folders, capsys):
       "== class lesion (label 3) ==", "== mean over the 3 classes =="]
   lesion = lines[titles[2] + 1:titles[3]]
   assert [line.split()[0] for line in lesion] == ["three", "zeros",
-                                                  "-" * 93, "pooled", "mean"]
+                                                  "-" * 93, "pooled", "mean",
+                                                  "empty"]
   assert lesion[0].split()[1] == f"{100 * 2 / 5:.2f}"
   assert "1/2" in lesion[0].split()
   assert [line.split()[0] for line in lines[titles[3] + 1:][:2]] == [

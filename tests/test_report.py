@@ -274,6 +274,23 @@ def test_report_without_images_and_without_probabilities(tmp_path):
   assert _decode(parser.images[0]).shape[1] == 3 * step - report.GAP_PX
 
 
+def test_report_notes_the_empty_reference_cases(tmp_path):
+  """A fourth case, d, with an empty reference and a 4-voxel false positive:
+  out of the mean DSC, its false positives said under the table."""
+  folders = _write_folders(tmp_path, with_images=False)
+  false_positive = np.zeros(SHAPE, np.uint8)
+  false_positive[16:18, 4:6, 14] = 1
+  nifti.write_nifti(folders["labels"] / "d.nii.gz", np.zeros(SHAPE),
+                    AFFINE, dtype=np.uint8)
+  nifti.write_nifti(folders["pred"] / "d.nii.gz", false_positive, AFFINE,
+                    dtype=np.uint8)
+  assert _run(folders, tmp_path) == 0
+  page = (tmp_path / "out" / "report.html").read_text()
+  assert ("<p>Empty reference: 1 case(s), 1 with false positives (4 voxels); "
+          "not in the mean of DSC, sensitivity, F2, APR, lesion recall and "
+          "F1.</p>") in page
+
+
 @pytest.mark.parametrize("problem", ["no_dir", "missing_case", "other_grid"])
 def test_report_input_errors_are_one_line(tmp_path, capsys, problem):
   folders = _write_folders(tmp_path)

@@ -48,14 +48,43 @@ Per case and class, and pooled over every voxel of every case, it computes
   component* when none of its voxels is a reference lesion voxel. Lesion
   recall = detected / reference lesions, lesion precision = (predicted
   components - false-positive components) / predicted components, lesion
-  F1 = 2PR / (P + R). A ratio with denominator 0 is 1 (nothing to miss /
-  no false alarm), so an empty reference and an empty prediction score 1.
+  F1 = 2PR / (P + R). In the case rows a ratio with denominator 0 is 1
+  (nothing to miss / no false alarm), so an empty reference and an empty
+  prediction score 1 (``empty="one"`` of :mod:`tversky_jax.metrics`).
+
+Empty references in the aggregates (``pooled`` and ``mean`` rows, and the
+validation metrics that rank checkpoints): MONAI's convention
+(``DiceMetric(ignore_empty=True)``, ``ConfusionMatrixMetric``; nnU-Net also
+sets Dice to NaN when reference and prediction are empty and averages with
+``nanmean``), i.e. ``empty="nan"`` of :mod:`tversky_jax.metrics`, then means
+that skip NaN. Per metric:
+
+* DSC, F2, sensitivity, APR, lesion recall and lesion F1 are undefined (NaN)
+  for a case (or class) whose reference is empty, prediction or not, and are
+  left out of the mean: a case with nothing to find cannot raise them.
+* precision and lesion precision are undefined only when nothing is
+  predicted (then left out, also in a lesion case); an empty-reference case
+  with false positives has precision 0 and counts.
+* specificity is defined whenever there are background voxels: every case
+  counts, so false positives on empty cases lower it.
+* the count columns of the ``mean`` row average all cases.
+
+The false positives of the empty-reference cases are also reported apart,
+as extra keys of the ``mean`` dict (:data:`EMPTY_COLUMNS`: ``empty_cases``,
+``empty_fp_cases`` with any false-positive voxel, ``empty_fp_voxels``), a
+line of the table and a note of the HTML report. A class whose reference is
+empty in every case has NaN pooled and mean DSC, F2, sensitivity and APR
+(never 1).
 
 Outputs: ``metrics.csv`` (one row per case, then a ``pooled`` row: metrics
-of the summed counts, and a ``mean`` row: the mean of the per-case values,
-APR averaged over the cases that have lesions and probabilities; an empty
-cell means undefined), a table on stdout, and ``pr_curve.png`` (voxel-wise
-precision-recall curves per case and pooled) when probabilities exist. With
+of the summed counts, and a ``mean`` row: the NaN-skipping mean of the
+per-case values under the rule above; an empty cell means undefined), a
+table on stdout, and ``pr_curve.png`` (voxel-wise precision-recall curves
+per case and pooled) when probabilities exist. The pooled APR and curve are
+exact (scikit-learn's ``average_precision_score`` of all voxels of all
+cases, ties grouped) and computed from per-case tables of voxel counts per
+distinct score (:class:`ScoreCounts`, int64), merged case by case, so the
+voxels of the whole set are never held at once and no count overflows. With
 classes, ``metrics.csv`` has a ``class`` column after ``case``: per class its
 case rows, ``pooled`` and ``mean``; then ``pooled`` and ``mean`` rows of class
 ``mean``: the mean over the classes of their pooled and mean metrics (count
@@ -106,6 +135,10 @@ LESION_METRICS = ("lesion_precision", "lesion_recall", "lesion_f1")
 COUNT_COLUMNS = ("tp", "fp", "fn", "tn", "ref_lesions", "pred_lesions",
                  "detected_lesions", "missed_lesions", "fp_lesions")
 COLUMNS = ("case", *VOXEL_METRICS, *LESION_METRICS, *COUNT_COLUMNS)
+# Extra keys of the mean dict (not CSV columns): the cases whose reference is
+# empty (left out of the mean of DSC, F2, ...), those of them with false
+# positive voxels, and their false-positive voxels.
+EMPTY_COLUMNS = ("empty_cases", "empty_fp_cases", "empty_fp_voxels")
 # The CSV columns when classes are evaluated (not binary).
 CLASS_COLUMNS = ("case", "class", *COLUMNS[1:])
 # The class column of the rows averaging over the classes (a reserved name).
@@ -206,20 +239,113 @@ def lesion_detection(prediction: np.ndarray,
                       false_positive=int(n_pred - true_components))
 
 
-def voxel_metrics(tp: float, fp: float, fn: float,
-                  tn: float) -> dict[str, float]:
+def voxel_metrics(tp: float, fp: float, fn: float, tn: float,
+                  empty: str = "one") -> dict[str, float]:
   """DSC, sensitivity, specificity, precision and F2 from voxel counts.
 
-  Uses the formulas (and empty-case rules) of :mod:`tversky_jax.metrics`.
+  Uses the formulas and the ``empty`` rule (``"one"`` for case rows,
+  ``"nan"`` for the aggregates; see the module doc) of
+  :mod:`tversky_jax.metrics`.
   """
   counts = tuple(float(c) for c in (tp, fp, fn, tn))
   return {
-      "dsc": float(metrics_lib.dice_from_counts(*counts)),
-      "sensitivity": float(metrics_lib.sensitivity_from_counts(*counts)),
-      "specificity": float(metrics_lib.specificity_from_counts(*counts)),
-      "precision": float(metrics_lib.precision_from_counts(*counts)),
-      "f2": float(metrics_lib.f_beta_from_counts(*counts, beta=2.0)),
+      "dsc": float(metrics_lib.dice_from_counts(*counts, empty=empty)),
+      "sensitivity": float(metrics_lib.sensitivity_from_counts(
+          *counts, empty=empty)),
+      "specificity": float(metrics_lib.specificity_from_counts(
+          *counts, empty=empty)),
+      "precision": float(metrics_lib.precision_from_counts(
+          *counts, empty=empty)),
+      "f2": float(metrics_lib.f_beta_from_counts(*counts, beta=2.0,
+                                                  empty=empty)),
   }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoreCounts:
+  """Exact voxel counts per distinct score: all that AP and the PR curve use.
+
+  A histogram without bins: its size is the number of distinct float32
+  scores, at most the number of voxels and never more than the float32
+  values in [0, 1] (about 1.07e9), however many cases are merged.
+
+  Attributes:
+    scores: float32 ``[n]`` distinct scores, increasing.
+    voxels: int64 ``[n]`` voxels with each score.
+    positives: int64 ``[n]`` reference (lesion) voxels among them.
+  """
+
+  scores: np.ndarray
+  voxels: np.ndarray
+  positives: np.ndarray
+
+
+def score_counts(probabilities: np.ndarray,
+                 reference: np.ndarray) -> ScoreCounts:
+  """The :class:`ScoreCounts` of one case (two sorts, no argsort).
+
+  Args:
+    probabilities: lesion probabilities (float32 or cast to it), any shape.
+    reference: same shape, lesion where non-zero.
+  """
+  scores = np.asarray(probabilities, dtype=np.float32).ravel()
+  positive = np.asarray(reference).ravel() != 0
+  values, voxels = np.unique(scores, return_counts=True)
+  hit_values, hits = np.unique(scores[positive], return_counts=True)
+  positives = np.zeros(values.shape, np.int64)
+  positives[np.searchsorted(values, hit_values)] = hits
+  return ScoreCounts(values, voxels.astype(np.int64), positives)
+
+
+def merge_score_counts(tables: Sequence[ScoreCounts]) -> ScoreCounts:
+  """The :class:`ScoreCounts` of the union of the tables' voxels.
+
+  Equal scores of different tables are summed (int64, exact). The tables are
+  sorted runs, which the stable (Timsort) argsort merges in about linear
+  time.
+  """
+  scores = np.concatenate([np.zeros(0, np.float32)]
+                          + [t.scores for t in tables])
+  if not scores.size:
+    return ScoreCounts(scores, np.zeros(0, np.int64), np.zeros(0, np.int64))
+  order = np.argsort(scores, kind="stable")
+  scores = scores[order]
+  starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+
+  def summed(name: str) -> np.ndarray:
+    counts = np.concatenate([getattr(t, name) for t in tables])
+    return np.add.reduceat(counts.astype(np.int64)[order], starts)
+
+  return ScoreCounts(scores[starts], summed("voxels"), summed("positives"))
+
+
+def curve_from_counts(counts: ScoreCounts) -> tuple[np.ndarray, np.ndarray]:
+  """The precision-recall curve of :func:`precision_recall_curve` from counts.
+
+  Returns:
+    ``(precision, recall)``, float64, one point per distinct score in
+    decreasing order; empty arrays when there is no positive voxel.
+  """
+  tps = np.cumsum(counts.positives[::-1], dtype=np.int64)
+  if not tps.size or tps[-1] == 0:
+    return np.zeros(0), np.zeros(0)
+  predicted = np.cumsum(counts.voxels[::-1], dtype=np.int64)
+  return tps / predicted, tps / tps[-1]
+
+
+def average_precision_from_counts(counts: ScoreCounts) -> float:
+  """Exact AP (``sum_k (R_k - R_{k-1}) P_k``, ties one threshold), float64.
+
+  The value of ``sklearn.metrics.average_precision_score`` on the voxels the
+  counts describe, with int64 counts: no overflow below 2**63 voxels. NaN
+  without positive voxel.
+  """
+  precision, _ = curve_from_counts(counts)
+  if not precision.size:
+    return math.nan
+  # R_k - R_{k-1} = (positives at threshold k) / all positives.
+  positives = counts.positives[::-1]
+  return float(np.dot(positives, precision) / positives.sum())
 
 
 def precision_recall_curve(probabilities: np.ndarray, reference: np.ndarray
@@ -236,18 +362,7 @@ def precision_recall_curve(probabilities: np.ndarray, reference: np.ndarray
     is the average precision of :func:`tversky_jax.metrics.average_precision`.
     Empty arrays when the reference has no lesion.
   """
-  scores = np.asarray(probabilities, dtype=np.float32).ravel()
-  positive = np.asarray(reference).ravel() != 0
-  n_pos = int(positive.sum())
-  if n_pos == 0:
-    return np.zeros(0), np.zeros(0)
-  order = np.argsort(-scores, kind="stable")
-  scores, positive = scores[order], positive[order]
-  # The last position of each run of equal scores: one threshold each.
-  ends = np.append(np.flatnonzero(np.diff(scores)), scores.size - 1)
-  tps = np.cumsum(positive, dtype=np.int64)[ends]
-  fps = ends + 1 - tps
-  return tps / (tps + fps), tps / n_pos
+  return curve_from_counts(score_counts(probabilities, reference))
 
 
 @dataclasses.dataclass
@@ -270,11 +385,16 @@ class CaseResult:
   apr: float
   lesions: LesionCounts
 
-  def metrics(self) -> dict[str, float]:
-    """Voxel and lesion metrics (the CSV's metric columns)."""
-    values = voxel_metrics(self.tp, self.fp, self.fn, self.tn)
+  def metrics(self, empty: str = "one") -> dict[str, float]:
+    """Voxel and lesion metrics (the CSV's metric columns).
+
+    Args:
+      empty: ``"one"``, the case row's rule, or ``"nan"``, the rule of the
+        mean over cases (see the module doc).
+    """
+    values = voxel_metrics(self.tp, self.fp, self.fn, self.tn, empty)
     values["apr"] = self.apr
-    values.update(_lesion_values(self.lesions))
+    values.update(_lesion_values(self.lesions, empty))
     return values
 
   def row(self) -> dict[str, Any]:
@@ -286,9 +406,18 @@ class CaseResult:
     return row
 
 
-def _lesion_values(lesions: LesionCounts) -> dict[str, float]:
-  return {"lesion_precision": lesions.precision,
-          "lesion_recall": lesions.recall, "lesion_f1": lesions.f1}
+def _lesion_values(lesions: LesionCounts,
+                   empty: str = "one") -> dict[str, float]:
+  """Lesion precision, recall and F1; with ``empty="nan"`` NaN where
+  undefined: recall and F1 without reference lesion (as DSC), precision
+  without predicted component."""
+  values = {"lesion_precision": lesions.precision,
+            "lesion_recall": lesions.recall, "lesion_f1": lesions.f1}
+  if empty == "nan" and not lesions.predicted:
+    values["lesion_precision"] = math.nan
+  if empty == "nan" and not lesions.reference:
+    values["lesion_recall"] = values["lesion_f1"] = math.nan
+  return values
 
 
 def _lesion_counts(lesions: LesionCounts) -> dict[str, int]:
@@ -629,8 +758,11 @@ class ClassEvaluation:
     cases: per-case results, sorted by case name.
     pooled: metrics of the counts summed over all cases (APR over all voxels
       of all cases, NaN unless every case has probabilities), plus the
-      summed counts.
-    mean: the mean of the per-case values of every column (NaN-skipping).
+      summed counts; undefined ratios are NaN (module doc, empty
+      references).
+    mean: the NaN-skipping mean over the cases of every column, the metrics
+      with undefined ratios NaN (module doc: a case whose reference is
+      empty is left out of DSC, F2, ...), plus the :data:`EMPTY_COLUMNS`.
     curves: case name (and ``"pooled"``) -> ``(precision, recall)``.
   """
 
@@ -705,8 +837,8 @@ class EvaluationResult:
   def class_mean(self) -> dict[str, dict[str, float]]:
     """``{"pooled": ..., "mean": ...}``: the mean over the classes of their
     pooled and mean metrics (NaN-skipping); the count columns are NaN."""
-    return {which: {column: _finite_mean([getattr(c, which)[column] for c in
-                                          self.classes.values()])
+    return {which: {column: finite_mean([getattr(c, which)[column] for c in
+                                         self.classes.values()])
                     if column in VOXEL_METRICS + LESION_METRICS else math.nan
                     for column in COLUMNS[1:]}
             for which in ("pooled", "mean")}
@@ -924,73 +1056,82 @@ class ClassPool:
     pool.add(results[name], softmax[..., k], label == k)  # every case
     evaluation = pool.finish(k, name)  # .pooled, .mean, .curves
 
+  Memory: the results, the curves, and one :class:`ScoreCounts` table into
+  which each case's table is merged as it comes (bounded by the distinct
+  float32 scores, not by the voxels of the set).
+
   Attributes:
     cases: the per-case results.
-    probs: the raveled probabilities of every case; None once a case has
-      none (then there is no pooled APR).
-    refs: the raveled reference masks.
+    counts: the voxel counts per distinct score of the cases so far; None
+      once a case has no probabilities (then there is no pooled APR).
     curves: case name -> precision-recall curve.
   """
 
   cases: list[CaseResult] = dataclasses.field(default_factory=list)
-  probs: list[np.ndarray] | None = dataclasses.field(default_factory=list)
-  refs: list[np.ndarray] = dataclasses.field(default_factory=list)
+  counts: ScoreCounts | None = dataclasses.field(
+      default_factory=lambda: merge_score_counts([]))
   curves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
       default_factory=dict)
 
   def add(self, result: CaseResult, prob: np.ndarray | None,
           ref: np.ndarray) -> None:
     """Adds a case: its result, class probabilities and reference mask."""
-    if prob is not None and ref.any():
-      self.curves[result.case_id] = precision_recall_curve(prob, ref)
     self.cases.append(result)
-    if self.probs is not None and prob is not None:
-      self.probs.append(prob.ravel())
-      self.refs.append(ref.ravel())
-    else:
-      self.probs = None
+    if prob is None:
+      self.counts = None
+      return
+    counts = score_counts(prob, ref)
+    if result.tp + result.fn:
+      self.curves[result.case_id] = curve_from_counts(counts)
+    if self.counts is not None:
+      self.counts = merge_score_counts([self.counts, counts])
 
   def finish(self, label: int, name: str) -> ClassEvaluation:
     """The class's :class:`ClassEvaluation` (pooled APR over every voxel)."""
-    pooled = _pooled(self.cases, self.probs, self.refs, self.curves)
+    pooled = _pooled(self.cases, self.counts, self.curves)
     return ClassEvaluation(label, name, self.cases, pooled, _mean(self.cases),
                            self.curves)
 
 
-def _pooled(cases: list[CaseResult], probs: list[np.ndarray] | None,
-            refs: list[np.ndarray],
+def _pooled(cases: list[CaseResult], counts: ScoreCounts | None,
             curves: dict[str, tuple[np.ndarray, np.ndarray]]
             ) -> dict[str, float]:
+  """Metrics of the summed counts (``empty="nan"``), APR and the pooled
+  curve (added to ``curves``) from the merged score counts."""
   tp, fp, fn, tn = (sum(getattr(c, k) for c in cases)
                     for k in ("tp", "fp", "fn", "tn"))
   lesions = cases[0].lesions
   for case in cases[1:]:
     lesions = lesions + case.lesions
-  pooled: dict[str, Any] = voxel_metrics(tp, fp, fn, tn)
+  pooled: dict[str, Any] = voxel_metrics(tp, fp, fn, tn, empty="nan")
   pooled["apr"] = math.nan
-  if probs:
-    scores = np.concatenate(probs)
-    labels = np.concatenate(refs)
-    if labels.any():
-      pooled["apr"] = float(metrics_lib.average_precision(
-          scores[None], labels[None], pooled=True))
-      curves["pooled"] = precision_recall_curve(scores, labels)
-  pooled.update(_lesion_values(lesions))
+  if counts is not None and tp + fn:
+    pooled["apr"] = average_precision_from_counts(counts)
+    curves["pooled"] = curve_from_counts(counts)
+  pooled.update(_lesion_values(lesions, empty="nan"))
   pooled.update(tp=tp, fp=fp, fn=fn, tn=tn, **_lesion_counts(lesions))
   return pooled
 
 
-def _finite_mean(values: Iterable[float]) -> float:
-  """The mean of the finite values; NaN when there is none."""
+def finite_mean(values: Iterable[float]) -> float:
+  """The mean of the finite values; NaN when there is none (no warning)."""
   values = np.array(list(values), dtype=np.float64)
   values = values[np.isfinite(values)]
   return float(values.mean()) if values.size else math.nan
 
 
 def _mean(cases: list[CaseResult]) -> dict[str, float]:
-  rows = [c.row() for c in cases]
-  return {column: _finite_mean(r[column] for r in rows)
+  """The mean row: metrics under ``empty="nan"`` and counts, NaN-skipping
+  means over the cases, plus the :data:`EMPTY_COLUMNS` of the cases whose
+  reference is empty."""
+  rows = [{**c.row(), **c.metrics(empty="nan")} for c in cases]
+  mean = {column: finite_mean(r[column] for r in rows)
           for column in COLUMNS[1:]}
+  empty = [c for c in cases if not c.tp + c.fn]
+  mean.update(empty_cases=len(empty),
+              empty_fp_cases=sum(1 for c in empty if c.fp),
+              empty_fp_voxels=sum(c.fp for c in empty))
+  return mean
 
 
 # --------------------------------------------------------------------------
@@ -1030,7 +1171,8 @@ def format_table(result: EvaluationResult) -> str:
   """A fixed-width table: metrics in %, lesions as detected/reference.
 
   With classes, a block per class (``== class NAME (label K) ==``), then the
-  mean over the classes.
+  mean over the classes. A block whose cases include empty references ends
+  with :func:`empty_reference_note`.
   """
   lines = [_TABLE_HEADER, _TABLE_RULE]
   if result.binary:
@@ -1060,7 +1202,18 @@ def _table_block(evaluation: ClassEvaluation) -> list[str]:
   lines.append(_table_line("mean", m, (
       f"{m['detected_lesions']:.1f}/{m['ref_lesions']:.1f}",
       f"{m['missed_lesions']:.1f}", f"{m['fp_lesions']:.1f}")))
-  return lines
+  note = empty_reference_note(m)
+  return lines + ([note] if note else [])
+
+
+def empty_reference_note(mean: Mapping[str, float]) -> str:
+  """What the mean says of the empty-reference cases ('' when none)."""
+  if not mean.get("empty_cases"):
+    return ""
+  return (f"empty reference: {int(mean['empty_cases'])} case(s), "
+          f"{int(mean['empty_fp_cases'])} with false positives "
+          f"({int(mean['empty_fp_voxels'])} voxels); not in the mean of DSC, "
+          "sensitivity, F2, APR, lesion recall and F1")
 
 
 def _table_line(name: str, values: Mapping[str, float],

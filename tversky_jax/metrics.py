@@ -111,7 +111,10 @@ its products of counts cannot overflow.
 equals ``sklearn.metrics.average_precision_score(labels.ravel(),
 probabilities.ravel())`` including tied scores, which form a single
 threshold.  It costs an O(n log n) sort of the voxels of each case (of the
-whole batch when pooled).
+whole batch when pooled), and its counts are int32 like the others: pooled
+over more than 2**31 - 1 voxels it overflows silently, so pooled AP over a
+test set is computed on the host from int64 count tables
+(:func:`tversky_jax.evaluate.average_precision_from_counts`).
 """
 
 from __future__ import annotations
@@ -1223,6 +1226,15 @@ def average_precision(
   cumulative counts and a reverse ``lax.cummin`` for tie-group ends; static
   shapes, jit- and vmap-compatible.  Only the ranking matters, so logits
   also work; NaN scores are not supported.
+
+  Size limit: the cumulative counts are JAX's default int, int32 unless
+  ``jax_enable_x64``, so more than 2**31 - 1 voxels (in a case, or in the
+  whole batch when ``pooled``) overflow *silently* (wrong value, no error),
+  and the sort holds every voxel on the device.  Fine per case (a 512^3
+  volume is 1.3e8 voxels); for a pooled AP over a large test set use
+  :func:`tversky_jax.evaluate.average_precision_from_counts` (NumPy, int64
+  counts per distinct score, merged case by case), which
+  ``tversky-evaluate`` and validation use.
 
   Args:
     probabilities: lesion probabilities (or any scores; bool/int accepted,

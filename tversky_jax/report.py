@@ -495,7 +495,8 @@ def _metrics_tables(result: evaluate.EvaluationResult) -> str:
 
 
 def _metrics_table(evaluation: evaluate.ClassEvaluation) -> str:
-  """One row per case (worst DSC first), then pooled and mean."""
+  """One row per case (worst DSC first), then pooled and mean, and a note
+  on the empty-reference cases when there are any."""
   rows = []
   for case in worst_first(evaluation.cases):
     les = case.lesions
@@ -503,13 +504,16 @@ def _metrics_table(evaluation: evaluate.ClassEvaluation) -> str:
                            f"{les.detected}/{les.reference}",
                            str(les.false_positive), link=True))
   pooled, mean = evaluation.pooled, evaluation.mean
-  return _table(rows, [
+  table = _table(rows, [
       _table_row("pooled", pooled,
                  f"{pooled['detected_lesions']}/{pooled['ref_lesions']}",
                  str(pooled["fp_lesions"]), link=False),
       _table_row("mean", mean,
                  f"{mean['detected_lesions']:.1f}/{mean['ref_lesions']:.1f}",
                  f"{mean['fp_lesions']:.1f}", link=False)])
+  note = evaluate.empty_reference_note(mean)
+  return table + (f"\n<p>{html.escape(note[:1].upper() + note[1:])}.</p>"
+                  if note else "")
 
 
 def _table(rows: Sequence[str], summary_rows: Sequence[str]) -> str:

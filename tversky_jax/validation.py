@@ -96,11 +96,17 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
       case's label grid) once it is scored.
 
   Returns:
-    For two classes the keys of :data:`METRICS` (mean over cases; APR over
-    the cases with lesions) and ``pooled_*`` (over all voxels of all cases).
-    For more, the same per foreground class as ``dsc/NAME`` and
-    ``pooled_dsc/NAME``, and their mean over the foreground classes under
-    the plain names (what ``train.best_metric`` ranks).
+    For two classes the keys of :data:`METRICS` (NaN-skipping mean over the
+    cases, where a case whose reference is empty is left out of DSC, F2,
+    sensitivity and APR, as MONAI's ``ignore_empty`` and nnU-Net: see
+    :mod:`tversky_jax.evaluate`), ``pooled_*`` (over all voxels of all
+    cases) and :data:`tversky_jax.evaluate.EMPTY_COLUMNS` (the
+    empty-reference cases and their false positives). For more, the same
+    per foreground class as ``dsc/NAME`` and ``pooled_dsc/NAME``, and under
+    the plain names the NaN-skipping mean over the foreground classes (what
+    ``train.best_metric`` ranks; NaN when no class is defined, which
+    checkpoint selection ranks worst) or, for the empty-case counts, their
+    sum.
   """
   inf = config.inference
   classes = tuple(range(1, len(class_names)))
@@ -126,7 +132,9 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
   result = {f"{name}/{class_names[k]}": value
             for k, summary in values.items() for name, value in summary.items()}
   for name in values[1]:
-    result[name] = float(np.nanmean([s[name] for s in values.values()]))
+    per_class = [s[name] for s in values.values()]
+    result[name] = (float(sum(per_class)) if name in evaluate.EMPTY_COLUMNS
+                    else evaluate.finite_mean(per_class))
   return result
 
 
@@ -208,10 +216,13 @@ def _scan_on_label_grid(case: ValidationCase
 
 
 def _summary(evaluation: evaluate.ClassEvaluation) -> dict[str, float]:
-  """Mean over cases and pooled values of :data:`METRICS`."""
+  """Mean over cases and pooled values of :data:`METRICS`, and the
+  empty-reference counts of the mean."""
   values = {name: float(evaluation.mean[name]) for name in METRICS}
   values.update({f"pooled_{name}": float(evaluation.pooled[name])
                  for name in METRICS})
+  values.update({name: float(evaluation.mean[name])
+                 for name in evaluate.EMPTY_COLUMNS})
   return values
 
 

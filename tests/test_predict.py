@@ -3,7 +3,9 @@
 conftest.py gives four simulated CPU devices.
 """
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -20,6 +22,7 @@ from tests import helpers
 from tversky_jax import train_state
 from tversky_jax import checkpoint
 from tversky_jax import evaluate
+from tversky_jax import operating_point
 from tversky_jax import parallel
 from tversky_jax import predict
 from tversky_jax import train_lib
@@ -46,6 +49,21 @@ def run(tmp_path_factory):
   assert summary.step == 2
   return types.SimpleNamespace(root=root, workdir=workdir, config=config,
                                base=base)
+
+
+@pytest.fixture(scope="module")
+def validated_run(run):
+  """The run's data trained 2 steps with validation at each (one
+  validation case), and what the trainer printed."""
+  config = helpers.tiny_config(run.root, **{"train.num_steps": 2,
+                                            "train.eval_every": 1})
+  workdir = run.base / "validated"
+  with contextlib.redirect_stderr(io.StringIO()) as err:
+    summary = train_lib.train_and_evaluate(config, str(workdir),
+                                           progress=False)
+  assert summary.operating_point is not None
+  return types.SimpleNamespace(workdir=workdir, summary=summary,
+                               err=err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -434,3 +452,85 @@ def test_help_lists_the_options(capsys):
                  "--save-probabilities", "--window", "--overlap",
                  "--batch-size", "--mirror"):
     assert option in out
+
+
+def _predict_cli(workdir, root, out, *extra):
+  """Runs the CLI on imagesTs/ with probabilities; returns its stdout."""
+  out_stream = io.StringIO()
+  with contextlib.redirect_stdout(out_stream):
+    status = predict.main(["--workdir", str(workdir), "--input", str(root),
+                           "--output", str(out), "--save-probabilities",
+                           "--no-progress", *extra])
+  assert status == 0
+  return out_stream.getvalue()
+
+
+def test_predict_uses_the_stored_threshold_and_threshold_overrides(
+    run, validated_run, tmp_path, monkeypatch):
+  summary = validated_run.summary
+  point = summary.operating_point
+  assert (f"Operating point of step {summary.best_step}: {point.describe()}"
+          in validated_run.err)
+  for checkpoint_name in ("best", "latest"):
+    manager = checkpoint.CheckpointManager(
+        validated_run.workdir / "checkpoints", async_save=False,
+        best_metric=None)
+    predictor = predict.load_predictor(validated_run.workdir,
+                                       checkpoint_name)
+    stored = manager.restore_meta(predictor.step)["operating_point"]
+    manager.close()
+    assert predictor.threshold == stored["threshold"]
+  # The CLI (best checkpoint) writes masks at the stored threshold ...
+  stored_out = tmp_path / "stored"
+  line = _predict_cli(validated_run.workdir, run.root, stored_out)
+  assert (f"at threshold {point.threshold:g} (chosen on 1 validation case "
+          f"at step {summary.best_step}, f2 ") in line
+  probs = {c: _mask(stored_out / f"{c}_prob.nii.gz") for c in TEST_CASES}
+  for case_id in TEST_CASES:
+    np.testing.assert_array_equal(
+        _mask(stored_out / f"{case_id}.nii.gz"),
+        (probs[case_id] >= np.float32(point.threshold)).astype(np.uint8))
+  # ... and --threshold overrides it: a grid threshold whose masks differ.
+  every = np.concatenate([p.ravel() for p in probs.values()])
+  other = next(t for t in operating_point.GRID
+               if np.any((every >= np.float32(t))
+                         != (every >= np.float32(point.threshold))))
+  given_out = tmp_path / "given"
+  line = _predict_cli(validated_run.workdir, run.root, given_out,
+                      "--threshold", str(other))
+  assert f"at threshold {other:g} (given)" in line
+  masks = [_mask(given_out / f"{c}.nii.gz") for c in TEST_CASES]
+  for case_id, mask in zip(TEST_CASES, masks):
+    np.testing.assert_array_equal(
+        mask, (probs[case_id] >= np.float32(other)).astype(np.uint8))
+  assert any(np.any(mask != _mask(stored_out / f"{c}.nii.gz"))
+             for c, mask in zip(TEST_CASES, masks))
+  # Whatever threshold the tiny run chose, the stored one is used.
+  restore_meta = checkpoint.CheckpointManager.restore_meta
+  monkeypatch.setattr(
+      checkpoint.CheckpointManager, "restore_meta",
+      lambda self, step: dict(restore_meta(self, step), operating_point=dict(
+          point.to_dict(), threshold=other)))
+  assert predict.load_predictor(validated_run.workdir).threshold == other
+
+
+def test_a_run_without_a_stored_threshold_predicts_at_the_config_one(
+    run, validated_run, tmp_path, monkeypatch):
+  # Not validated (or trained before operating points): 0.5.
+  line = _predict_cli(run.workdir, run.root, tmp_path / "plain")
+  assert "at threshold 0.5 (the config's inference.threshold)" in line
+  for case_id in TEST_CASES:
+    np.testing.assert_array_equal(
+        _mask(tmp_path / "plain" / f"{case_id}.nii.gz"),
+        (_mask(tmp_path / "plain" / f"{case_id}_prob.nii.gz") >= 0.5
+         ).astype(np.uint8))
+  # A validated run whose checkpoints lack it, as before this change.
+  restore_meta = checkpoint.CheckpointManager.restore_meta
+  monkeypatch.setattr(
+      checkpoint.CheckpointManager, "restore_meta",
+      lambda self, step: {k: v for k, v in restore_meta(self, step).items()
+                          if k != "operating_point"})
+  predictor = predict.load_predictor(validated_run.workdir)
+  assert predictor.threshold == 0.5
+  assert predictor.describe_threshold() == (
+      "threshold 0.5 (the config's inference.threshold)")

@@ -23,6 +23,7 @@ from tversky_jax import train_state
 from tversky_jax import configuration
 from tversky_jax import checkpoint
 from tversky_jax import deep_supervision
+from tversky_jax import operating_point
 from tversky_jax import parallel
 from tversky_jax import predict
 from tversky_jax import train_lib
@@ -161,7 +162,8 @@ def test_sigterm_saves_and_the_rerun_equals_uninterrupted(
                      straight_run.params, rtol=0, atol=0)
 
 
-def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
+def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path,
+                                                capsys):
   config = tiny_config(tiny_dataset, **{"train.num_steps": 4,
                                         "train.eval_every": 2,
                                         "train.checkpoint_every": 0,
@@ -183,7 +185,25 @@ def test_validation_metrics_checkpoints_and_log(tiny_dataset, tmp_path):
   # The last checkpoint keeps its validation metrics (it is not re-saved).
   manager = checkpoint.CheckpointManager(tmp_path / "checkpoints")
   assert manager.restore_meta(4)["metrics"]["f2"] == val[4]
+  # Each validated checkpoint stores the threshold chosen on the validation
+  # cases for its parameters, also logged; F2 at 0.5 is the logged val/f2.
+  points = {step: operating_point.OperatingPoint.from_dict(
+      manager.restore_meta(step)["operating_point"]) for step in (2, 4)}
   manager.close()
+  logged = {r["step"]: r for r in records if "val/threshold" in r}
+  for step, point in points.items():
+    assert point.metric == "f2" and point.cases == 2
+    assert point.threshold in operating_point.GRID
+    assert point.at_default == pytest.approx(val[step], abs=1e-12)
+    assert point.at_threshold >= point.at_default
+    assert logged[step]["val/threshold"] == point.threshold
+    assert logged[step]["val/f2_at_threshold"] == pytest.approx(
+        point.at_threshold)
+  # The best checkpoint's is returned and printed at the end.
+  assert summary.operating_point == points[summary.best_step]
+  assert (f"Operating point of step {summary.best_step}: "
+          f"{summary.operating_point.describe()}"
+          in capsys.readouterr().err.splitlines())
   assert json.load(open(tmp_path / "config.json"))["loss"]["beta"] == 0.7
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
@@ -197,9 +217,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path,
   original = parallel.global_batch
   monkeypatch.setattr(parallel, "global_batch", lambda batch, mesh: original(
       {**batch, "image": np.full_like(batch["image"], np.nan)}, mesh))
+  closed, close = [], train_lib.MetricWriter.close
+  monkeypatch.setattr(train_lib.MetricWriter, "close",
+                      lambda self: (closed.append(self), close(self)))
   with pytest.raises(train_lib.TrainingDiverged,
                      match=r"became nan at step 3.*checkpoint \(step 2\)"):
     train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
+  # The failed run closed its metric writer (an open tensorboardX writer
+  # prints a traceback at the interpreter's exit on Python 3.12).
+  assert len(closed) == 1
   step, params = saved_params(str(tmp_path), config)
   assert step == 2
   assert all(np.all(np.isfinite(p)) for p in params)
@@ -369,6 +395,45 @@ def test_whole_volume_training_as_in_the_paper(tiny_dataset, tmp_path):
   summary = train_lib.train_and_evaluate(config, str(tmp_path), progress=False)
   assert np.isfinite(summary.last_loss)
   assert 0.0 <= summary.final_metrics["sensitivity"] <= 1.0
+
+
+def test_patch_larger_than_every_volume_message():
+  assert configuration.patch_shape_warning(
+      (64, 64, 64), (48, 40, 44), (4, 4, 4), planned=True) == (
+          "warning: data.patch_shape (64, 64, 64) is larger than every "
+          "training volume (largest 48x40x44 on the planned grid); every "
+          "patch is partly zero padding; set --config.data.patch_shape to at "
+          "most (48, 40, 44)")
+  # One axis too long; the fitting size is rounded down to the divisors.
+  assert configuration.patch_shape_warning(
+      (64, 16, 16), (46, 40, 44), (8, 4, 4)).endswith(
+          "(largest 46x40x44); every patch is partly zero padding; set "
+          "--config.data.patch_shape to at most (40, 16, 16)")
+  assert configuration.patch_shape_warning((48, 40, 44), (48, 40, 44),
+                                           (4, 4, 4)) is None
+  assert configuration.patch_shape_warning(None, (8, 8, 8), (4, 4, 4)) is None
+
+
+@pytest.mark.parametrize("patch,warned", [((32, 32, 32), True),
+                                          ((16, 16, 16), False)])
+def test_a_patch_larger_than_every_training_volume_is_warned(
+    tiny_dataset, tmp_path, capsys, patch, warned):
+  config = tiny_config(tiny_dataset, **{"data.patch_shape": patch,
+                                        "inference.window": patch})
+  train_lib.train_and_evaluate(config, str(tmp_path), stop_after=0,
+                               progress=False)
+  err = capsys.readouterr().err
+  warnings = [line for line in err.splitlines()
+              if line.startswith("warning: data.patch_shape")]
+  if not warned:
+    assert not warnings, err
+    return
+  (line,) = warnings
+  assert line.startswith("warning: data.patch_shape (32, 32, 32) is larger "
+                         "than every training volume (largest ")
+  largest = line.split("(largest ")[1].split(" ")[0]
+  assert max(map(int, largest.split("x"))) <= 24  # the 24^3 phantoms
+  assert "on the planned grid" in line
 
 
 def test_resuming_with_a_different_network_is_a_clear_error(

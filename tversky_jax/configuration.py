@@ -198,6 +198,33 @@ def check_patch_shape(patch_shape, divisors) -> None:
         "strides per axis)")
 
 
+def patch_shape_warning(patch_shape, largest, divisors, *,
+                        planned: bool = False) -> str | None:
+  """The warning for a patch larger than every training volume, or None.
+
+  Args:
+    patch_shape: ``(px, py, pz)``, or None (whole volumes).
+    largest: ``(x, y, z)``, the largest extent of the training volumes
+      along each axis (on the grid the network sees).
+    divisors: the network's divisors per axis.
+    planned: the volumes are on a plan's grid (said in the message).
+
+  Returns:
+    One line when the patch exceeds ``largest`` on some axis (so every
+    patch is partly zero padding), naming the patch size that fits:
+    ``largest`` rounded down to the divisors (at least one divisor).
+  """
+  if not patch_shape or all(p <= s for p, s in zip(patch_shape, largest)):
+    return None
+  fitting = tuple(min(p, max(d, s // d * d))
+                  for p, s, d in zip(patch_shape, largest, divisors))
+  grid = " on the planned grid" if planned else ""
+  return (f"warning: data.patch_shape {tuple(patch_shape)} is larger than "
+          f"every training volume (largest {'x'.join(map(str, largest))}"
+          f"{grid}); every patch is partly zero padding; set "
+          f"--config.data.patch_shape to at most {fitting}")
+
+
 # Keys whose change makes a checkpoint unloadable (parameter or optimizer
 # state structure) or its data position meaningless (grain's state layout).
 STRUCTURAL_KEYS = ("model.base_features", "model.depth", "model.strides",

@@ -11,10 +11,18 @@ Command line (``python -m tversky_jax.predict`` or ``tversky-predict``)::
       flair.nii.gz --case-id patient07 --output predictions/
 
 Per case it writes ``CASE.nii.gz``, the uint8 lesion mask
-(``probability >= threshold``, 0.5 as in the paper), and with
+(``probability >= threshold``), and with
 ``--save-probabilities`` ``CASE_prob.nii.gz``, the float32 lesion probability,
 both on exactly the grid of the case's first channel file (same shape,
 affine, qform/sform codes), so a viewer overlays them on the scan.
+
+The threshold: ``--threshold`` when given; else the one chosen on the
+validation cases during training and stored with the checkpoint (its
+``operating_point``, see :mod:`tversky_jax.operating_point`); else (a
+checkpoint that was not validated, or of a run trained before operating
+points) the saved config's ``inference.threshold``, 0.5 as in the paper.
+The summary line says which one it used. Models with more than two classes
+write the most probable class and use no threshold.
 
 Function API (used by the replication sweep, no subprocess)::
 
@@ -55,6 +63,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from tversky_jax import operating_point
 from tversky_jax import validation
 from tversky_jax import train_state
 from tversky_jax import checkpoint as checkpoint_lib
@@ -96,6 +105,7 @@ class Predictor:
       device count).
     mirror: average over the 8 flips of the spatial axes (8x the compute).
     threshold: a voxel is lesion when its probability is ``>= threshold``.
+    threshold_source: where :attr:`threshold` comes from, for the log.
     devices: the local devices the windows of a batch are sharded over.
   """
 
@@ -107,6 +117,7 @@ class Predictor:
                window: Sequence[int] | None = None,
                overlap: float | None = None, batch_size: int | None = None,
                mirror: bool | None = None, threshold: float | None = None,
+               threshold_source: str | None = None,
                devices: Sequence[jax.Device] | None = None):
     """Wraps a model state; ``None`` settings come from ``config.inference``.
 
@@ -131,6 +142,8 @@ class Predictor:
       batch_size: default ``config.inference.batch_size``.
       mirror: default ``config.inference.mirror``.
       threshold: default ``config.inference.threshold``.
+      threshold_source: where ``threshold`` comes from; default "given" or
+        "the config's inference.threshold".
       devices: default ``jax.local_devices()``.
 
     Raises:
@@ -154,6 +167,8 @@ class Predictor:
     self.batch_size = int(inf.batch_size if batch_size is None else batch_size)
     self.mirror = bool(inf.mirror if mirror is None else mirror)
     self.threshold = float(inf.threshold if threshold is None else threshold)
+    self.threshold_source = threshold_source or (
+        "the config's inference.threshold" if threshold is None else "given")
     self._check_settings()
 
   def _check_settings(self) -> None:
@@ -171,6 +186,13 @@ class Predictor:
       raise PredictError(f"batch size {self.batch_size}: must be >= 1")
     if not 0.0 <= self.threshold <= 1.0:
       raise PredictError(f"threshold {self.threshold}: must be in [0, 1]")
+
+  def describe_threshold(self) -> str:
+    """How masks are made, e.g. ``threshold 0.35 (chosen on 2 validation
+    cases at step 4)``."""
+    if self.num_classes != 2:
+      return f"the most probable of {self.num_classes} classes"
+    return f"threshold {self.threshold:g} ({self.threshold_source})"
 
   @property
   def num_channels(self) -> int:
@@ -304,8 +326,11 @@ def load_predictor(workdir: str | os.PathLike[str],
     channel_names: input channel names in order; needed when the training
       dataset.json cannot be found.
     devices: local devices to shard the windows over (default all).
-    window, overlap, batch_size, mirror, threshold: override
-      ``config.inference`` (see :class:`Predictor`).
+    window, overlap, batch_size, mirror: override ``config.inference``
+      (see :class:`Predictor`).
+    threshold: overrides the checkpoint's operating point (the threshold
+      chosen on the validation cases), which overrides
+      ``config.inference.threshold``.
 
   Returns:
     The :class:`Predictor`.
@@ -361,11 +386,28 @@ def load_predictor(workdir: str | os.PathLike[str],
   finally:
     manager.close()
   _log(f"Restored the {how} checkpoint (step {step}) of {workdir}.")
+  threshold, source = _threshold(threshold, meta, step)
   return Predictor(config, graphdef, state, channel_names=names,
                    step=step, spec=spec, plan=plan, window=window,
                    overlap=overlap,
                    batch_size=batch_size, mirror=mirror, threshold=threshold,
-                   devices=devices)
+                   threshold_source=source, devices=devices)
+
+
+def _threshold(given: float | None, meta: dict[str, Any],
+               step: int) -> tuple[float | None, str | None]:
+  """(threshold, where it comes from) for :class:`Predictor`: ``given``;
+  else the checkpoint's operating point; else (None, None): the config's."""
+  if given is not None:
+    return given, None
+  point = operating_point.OperatingPoint.from_dict(
+      meta.get(operating_point.META_KEY))
+  if point is None:
+    return None, None
+  return point.threshold, (
+      f"chosen on {point.cases} validation case"
+      f"{'s' if point.cases != 1 else ''} at step {step}, "
+      f"{point.metric} {point.at_default:.4f} -> {point.at_threshold:.4f}")
 
 
 def abstract_model_state(config: ml_collections.ConfigDict,
@@ -733,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (created if missing)")
   parser.add_argument("--threshold", type=float,
                       help="lesion where probability >= threshold (default: "
-                      "the saved config's, 0.5)")
+                      "the one chosen on the validation cases during "
+                      "training, stored with the checkpoint; else the saved "
+                      "config's, 0.5)")
   parser.add_argument("--save-probabilities", action="store_true",
                       help="also write CASE_prob.nii.gz (float32)")
   parser.add_argument("--window", type=int, nargs=3, metavar=("X", "Y", "Z"),
@@ -786,7 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          progress=not args.no_progress)
   total = len(report.masks) + len(report.failed)
   print(f"Wrote {len(report.masks)} of {total} mask(s) to "
-        f"{os.path.abspath(args.output)}")
+        f"{os.path.abspath(args.output)} at "
+        f"{predictor.describe_threshold()}")
   if report.failed:
     print(f"error: {len(report.failed)} case(s) failed: "
           f"{', '.join(sorted(report.failed))}", file=sys.stderr)

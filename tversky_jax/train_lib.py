@@ -18,6 +18,7 @@ the same global batch up to float rounding.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,6 +33,7 @@ import tqdm
 
 from tversky_jax import checkpoint as checkpoint_lib
 from tversky_jax import configuration
+from tversky_jax import operating_point as operating_point_lib
 from tversky_jax import parallel
 from tversky_jax import preemption
 from tversky_jax import run_health
@@ -69,6 +71,9 @@ class TrainSummary:
   best_step: int | None
   best_metrics: dict[str, float]
   final_metrics: dict[str, float]
+  # The threshold chosen on the validation cases for the best checkpoint
+  # (None: not validated, apr, or more than two classes).
+  operating_point: operating_point_lib.OperatingPoint | None = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -87,7 +92,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: checkpoints in ``workdir/checkpoints``, one JSON line of metrics
       per logged step in ``workdir/metrics.jsonl``, the config in
       ``workdir/config.json`` and the training curves in
-      ``workdir/curves.png``.
+      ``workdir/curves.png``. Each validated checkpoint also stores the
+      lesion threshold chosen on the validation cases
+      (:mod:`tversky_jax.operating_point`), which tversky-predict uses.
     devices: devices of the data-parallel mesh (default: all).
     stop_after: stop (with a checkpoint) after this many steps of this call,
       as if interrupted; for tests and time-boxed jobs.
@@ -107,9 +114,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   configuration.validate_config(config, num_devices=len(devices))
   _make_workdir(workdir)
   run = _Run(config, workdir, devices, progress)
-  run.restore()
-  with preemption.StopOnSignal() as stop_signal:
-    run.train(stop_after, stop_signal)
+  try:
+    run.restore()
+    with preemption.StopOnSignal() as stop_signal:
+      run.train(stop_after, stop_signal)
+  except BaseException:
+    run.abandon()
+    raise
   return run.finish()
 
 
@@ -126,6 +137,7 @@ class _Run:
     patch_shape = tuple(config.data.patch_shape) or None
     configuration.check_patch_shape(patch_shape, divisors)
     whole = pipeline.whole_volume_shape(self.data.train_cases, divisors)
+    self._warn_large_patch(patch_shape, divisors)
     self.window = tuple(config.inference.window) or patch_shape or whole
     self.batch_voxels = config.train.batch_size * math.prod(
         patch_shape or whole)
@@ -158,6 +170,15 @@ class _Run:
     self.stuck = run_health.StuckDetector(config.train.stuck_patience)
     self.final_metrics: dict[str, float] = {}
     self.pending = None  # (step, metrics) of the step not yet checked
+
+  def _warn_large_patch(self, patch_shape, divisors) -> None:
+    """A warning on stderr when every patch is partly zero padding."""
+    largest = tuple(int(s) for s in np.max(
+        [c.label.shape for c in self.data.train_cases], axis=0))
+    warning = configuration.patch_shape_warning(
+        patch_shape, largest, divisors, planned=self.data.plan is not None)
+    if warning:
+      _log(warning)
 
   def _check_resumable(self) -> None:
     """Raises ConfigError when the run in ``workdir`` cannot go on."""
@@ -220,7 +241,7 @@ class _Run:
       bar.update(1)
       if self._due(self.config.train.eval_every) or (
           self.config.train.eval_every and self.step == num_steps):
-        self._save(self._validate())
+        self._save(*self._validate())
       elif self._due(self.config.train.checkpoint_every):
         self._save()
     self._flush()
@@ -256,19 +277,33 @@ class _Run:
                     vox_s=f"{rate * self.batch_voxels:.3g}")
     timer[:] = [time.perf_counter(), 0]
 
-  def _validate(self) -> dict[str, float] | None:
+  def _validate(self) -> tuple[dict[str, float] | None,
+                               operating_point_lib.OperatingPoint | None]:
+    """(finite validation metrics, operating point); (None, None) without
+    validation cases."""
     if not self.data.val_cases:
-      return None
+      return None, None
     # Each process validates on its own devices with a local copy of the
     # replicated state (the global one spans devices it cannot address).
     local_state = parallel.localize(self.state, self.local_mesh)
+    search = None
+    if operating_point_lib.searched(self.config.train.best_metric,
+                                    self.data.num_classes):
+      search = operating_point_lib.Search(self.config.train.best_metric,
+                                          self.config.inference.threshold)
     values = self.final_metrics = validation.validate(
         self.data.val_cases, lambda x: self.logits(local_state, x),
         self.config, self.window, training_data.class_names(self.data.dataset),
-        list(self.local_mesh.devices.flat), self.writer, self.step)
-    return {k: v for k, v in values.items() if np.isfinite(v)}
+        list(self.local_mesh.devices.flat), self.writer, self.step,
+        on_case=search.add if search else None)
+    point = search.finish() if search else None
+    if point is not None:
+      self.writer.write(self.step, {f"val/{k}": v
+                                    for k, v in point.scalars().items()})
+    return {k: v for k, v in values.items() if np.isfinite(v)}, point
 
-  def _save(self, metrics: dict[str, float] | None = None) -> None:
+  def _save(self, metrics: dict[str, float] | None = None,
+            point: operating_point_lib.OperatingPoint | None = None) -> None:
     self._flush()
     self.saved_step = self.step
     self.manager.save(
@@ -279,27 +314,48 @@ class _Run:
               "model": self.spec.to_dict(),
               "state_format": train_state_lib.STATE_FORMAT,
               "plan": self.data.plan.to_json() if self.data.plan else None,
-              "dataset_root": os.path.abspath(self.config.data.root)},
+              "dataset_root": os.path.abspath(self.config.data.root),
+              operating_point_lib.META_KEY: point.to_dict() if point else None},
         metrics=metrics)
+
+  def abandon(self) -> None:
+    """Closes what :meth:`finish` closes when training raised: the pending
+    checkpoint write is finished (a failed one was already reported), and
+    nothing is left for the interpreter's exit (tensorboardX's exit
+    handler prints a traceback on Python 3.12 for an open writer)."""
+    self.data_iter.close()
+    with contextlib.suppress(checkpoint_lib.CheckpointError):
+      self.manager.close()
+    if self.writer is not None:
+      self.writer.close()
 
   def finish(self) -> TrainSummary:
     """Waits for the last checkpoint, closes everything, plots the curves."""
     self.data_iter.close()
     self.manager.wait()
     best_step = self.manager.best_step()
-    best_metrics = {}
+    best_meta = {}
     if best_step is not None:
-      best_metrics = self.manager.restore_meta(best_step).get("metrics", {})
+      best_meta = self.manager.restore_meta(best_step)
+    best_metrics = best_meta.get("metrics", {})
+    stored_point = best_meta.get(operating_point_lib.META_KEY)
     self.manager.close()
     self.writer.close()  # and draws curves.png
     interrupted = self.step < self.config.train.num_steps
     if self.is_lead and not interrupted and best_metrics:
       _log(f"Best validation {self.config.train.best_metric} at step "
            f"{best_step}: " + validation.format_metrics(best_metrics))
-    return TrainSummary(step=self.step, interrupted=interrupted,
-                        last_loss=self.last_loss, best_step=best_step,
-                        best_metrics=best_metrics,
-                        final_metrics=self.final_metrics)
+      line = operating_point_lib.summary_line(
+          stored_point, best_step, self.config.train.best_metric,
+          self.data.num_classes, self.config.inference.threshold)
+      if line:
+        _log(line)
+    return TrainSummary(
+        step=self.step, interrupted=interrupted, last_loss=self.last_loss,
+        best_step=best_step, best_metrics=best_metrics,
+        final_metrics=self.final_metrics,
+        operating_point=operating_point_lib.OperatingPoint.from_dict(
+            stored_point))
 
 
 def _make_workdir(workdir: str) -> None:

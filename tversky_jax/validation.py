@@ -79,7 +79,8 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
                    config: ml_collections.ConfigDict, window: Sequence[int],
                    class_names: Sequence[str],
                    devices: Sequence[jax.Device] | None = None,
-                   on_case: Callable[[ValidationCase, np.ndarray], None]
+                   on_case: Callable[[ValidationCase, np.ndarray,
+                                      np.ndarray], None]
                    | None = None) -> dict[str, float]:
   """The paper's metrics of whole validation volumes, on each scan's grid.
 
@@ -92,8 +93,9 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
     window: the sliding window.
     class_names: one per class, background first.
     devices: the devices the windows are spread over.
-    on_case: called with each case and its segmentation (``uint8``, on the
-      case's label grid) once it is scored.
+    on_case: called with each case, its segmentation (``uint8 [X, Y, Z]``)
+      and its class probabilities (``float32 [X, Y, Z, K]``), both on the
+      case's label grid, once it is scored.
 
   Returns:
     For two classes the keys of :data:`METRICS` (NaN-skipping mean over the
@@ -122,7 +124,7 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
         segmentation, case.label, probs, case.case_id, classes,
         list(class_names))
     if on_case is not None:
-      on_case(case, segmentation)
+      on_case(case, segmentation, probs)
     for k, result in zip(classes, results.values()):
       pools[k].add(result, probs[..., k], case.label == k)
   values = {k: _summary(pools[k].finish(k, class_names[k]))
@@ -141,23 +143,30 @@ def evaluate_cases(cases: Sequence, logits_fn: Callable,
 def validate(cases: Sequence[ValidationCase], logits_fn: Callable,
              config: ml_collections.ConfigDict, window: Sequence[int],
              class_names: Sequence[str], devices: Sequence[jax.Device],
-             writer: MetricWriter, step: int) -> dict[str, float]:
+             writer: MetricWriter, step: int,
+             on_case: Callable[[ValidationCase, np.ndarray, np.ndarray],
+                               None] | None = None) -> dict[str, float]:
   """:func:`evaluate_cases`, its values written as ``val/NAME`` at ``step``
   and printed as one line (process 0).
 
   When the writer takes images (TensorBoard), also the
   :func:`case_overlay` of the first :data:`OVERLAY_CASES` cases, from the
-  predictions just scored (no second inference).
+  predictions just scored (no second inference). ``on_case`` is the hook of
+  :func:`evaluate_cases` (e.g. the threshold search of
+  :mod:`tversky_jax.operating_point`).
   """
   images = {}
 
-  def draw(case, segmentation):
-    if len(images) < OVERLAY_CASES:
+  def each_case(case, segmentation, probabilities):
+    if writer.takes_images and len(images) < OVERLAY_CASES:
       tag, rgb = case_overlay(case, segmentation, class_names)
       images[tag] = rgb
+    if on_case is not None:
+      on_case(case, segmentation, probabilities)
 
-  values = evaluate_cases(cases, logits_fn, config, window, class_names,
-                          devices, draw if writer.takes_images else None)
+  values = evaluate_cases(
+      cases, logits_fn, config, window, class_names, devices,
+      each_case if writer.takes_images or on_case is not None else None)
   writer.write(step, {f"val/{k}": v for k, v in values.items()})
   if images:
     writer.write_images(step, images)

@@ -299,9 +299,12 @@ def execute_run(run: Run, cfg: ml_collections.ConfigDict, run_dir: str,
         "saved: run the same command again to resume.")
   trained = time.perf_counter()
   held_out = training_data.held_out_cases(dataset.training_cases, cfg)
+  # The paper's rule, inference.threshold, even if a checkpoint had an
+  # operating point chosen on validation cases.
   predictor = predict.load_predictor(run_dir, checkpoint="latest",
                                      channel_names=dataset.channel_names,
-                                     devices=devices)
+                                     devices=devices,
+                                     threshold=cfg.inference.threshold)
   rows, probs, labels = [], {}, {}
   for case_id in held_out:
     # As tversky-predict does it: preprocessed as in training, the lesion

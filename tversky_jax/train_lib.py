@@ -322,12 +322,15 @@ class _Run:
     """Closes what :meth:`finish` closes when training raised: the pending
     checkpoint write is finished (a failed one was already reported), and
     nothing is left for the interpreter's exit (tensorboardX's exit
-    handler prints a traceback on Python 3.12 for an open writer)."""
-    self.data_iter.close()
-    with contextlib.suppress(checkpoint_lib.CheckpointError):
-      self.manager.close()
+    handler prints a traceback on Python 3.12 for an open writer). Best
+    effort: the error that stopped training is the one to report (a full
+    disk also fails the writer's last flush)."""
+    closers = [self.data_iter.close, self.manager.close]
     if self.writer is not None:
-      self.writer.close()
+      closers.append(self.writer.close)
+    for close in closers:
+      with contextlib.suppress(Exception):
+        close()
 
   def finish(self) -> TrainSummary:
     """Waits for the last checkpoint, closes everything, plots the curves."""

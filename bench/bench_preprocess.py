@@ -5,8 +5,8 @@ Usage:
   python bench/bench_preprocess.py --data data/Dataset001_X --workers 4
   python bench/bench_preprocess.py --check-memory       # + real U-Net memory vs estimate
 
-The dataset defaults to ../shared/data/Dataset800_MNILesions (or
-/work/shared/data/...) when present, else 8 generated 64^3 phantoms. Output
+The dataset defaults to ../shared/data/Dataset800_MNILesions (beside the
+repository) when present, else 8 generated 64^3 phantoms. Output
 goes to a temporary folder unless --out is given. Timed: the fingerprint, the
 plan, plan_dataset forced and cached, preprocessing with one thread (clean per-case
 seconds), with --workers threads, the cached rerun, and putting softmax
@@ -32,7 +32,9 @@ from tversky_jax.data import nifti  # noqa: E402
 from tversky_jax.data import planning  # noqa: E402
 from tversky_jax.data import preprocessing  # noqa: E402
 
-_CANDIDATES = ("../shared/data/Dataset800_MNILesions", "/work/shared/data/Dataset800_MNILesions")
+# shared/ beside the repository (the project's layout), from any working dir.
+_CANDIDATES = (Path(__file__).resolve().parents[2] / "shared" / "data"
+               / "Dataset800_MNILesions",)
 
 
 def default_dataset(tmp: Path) -> Path:

@@ -50,20 +50,10 @@ def test_pad_to_shape_no_op_and_none_label():
   assert padded.shape == (10, 8, 8, 2) and none is None
 
 
-@pytest.mark.parametrize("depth", [1, 3, 4])
-def test_pad_to_multiple(depth):
-  image, label = coordinate_volume((17, 32, 5))
-  padded, padded_label = sampling.pad_to_multiple(image, label, 2**depth)
-  assert all(s % 2**depth == 0 for s in padded.shape[:3])
-  assert all(0 <= p - s < 2**depth for p, s in zip(padded.shape[:3], image.shape[:3]))
-  assert padded_label.shape == padded.shape[:3]
-  assert padded.sum() == image.sum()
-
-
 def test_padding_argument_errors():
   image, label = coordinate_volume((4, 4, 4))
   with pytest.raises(ValueError, match="multiple"):
-    sampling.pad_to_multiple(image, label, 0)
+    sampling.round_up_shape(image.shape[:3], 0)
   with pytest.raises(ValueError, match="label shape"):
     sampling.pad_to_shape(image, label[:3], (4, 4, 4))
   with pytest.raises(ValueError, match=r"\[x, y, z, channels\]"):
@@ -298,7 +288,7 @@ def test_random_flip_deterministic_given_seed():
 
 
 def test_functions_are_picklable():
-  for fn in (sampling.pad_to_shape, sampling.pad_to_multiple, sampling.sample_patch,
+  for fn in (sampling.pad_to_shape, sampling.sample_patch,
              sampling.random_flip, sampling.foreground_voxels):
     assert pickle.loads(pickle.dumps(fn)) is fn
 
@@ -444,20 +434,12 @@ def test_foreground_mapping_errors():
 # ---------------------------------------------------------- per-axis padding
 
 
-def test_pad_to_multiple_per_axis():
-  image, label = coordinate_volume((17, 32, 5))
-  padded, padded_label = sampling.pad_to_multiple(image, label, (4, 8, 2))
-  assert padded.shape == (20, 32, 6, 2) and padded_label.shape == (20, 32, 6)
-  np.testing.assert_array_equal(padded[1:18, :, 0:5], image)  # (1, 2), (0, 0), (0, 1)
-  same, _ = sampling.pad_to_multiple(image, label, (17, 16, 5))
-  assert same is image
-  int_form, _ = sampling.pad_to_multiple(image, label, 4)
-  tuple_form, _ = sampling.pad_to_multiple(image, label, (4, 4, 4))
-  np.testing.assert_array_equal(int_form, tuple_form)
+def test_round_up_shape_per_axis():
   assert sampling.round_up_shape((17, 32, 5), (4, 8, 2)) == (20, 32, 6)
-  for bad in ((2, 2), (2, 0, 2), (2, 2.0, 2), (2, True, 2)):
+  assert sampling.round_up_shape((17, 32, 5), 4) == (20, 32, 8)
+  for bad in (0, (2, 2), (2, 0, 2), (2, 2.0, 2), (2, True, 2)):
     with pytest.raises(ValueError, match="multiple"):
-      sampling.pad_to_multiple(image, label, bad)
+      sampling.round_up_shape((17, 32, 5), bad)
 
 
 def test_new_functions_are_picklable():

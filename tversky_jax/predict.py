@@ -35,7 +35,7 @@ Conventions: images are channels-last ``[x, y, z, channels]`` in NIfTI voxel
 order (no reorientation), channels in the order of the training dataset's
 dataset.json (nnU-Net suffixes ``_0000``, ``_0001``, ...). Preprocessing is
 :func:`tversky_jax.data.nifti.normalize_image`, the function training uses;
-inference is :func:`tversky_jax.validation.lesion_probability` (Gaussian-
+inference is :func:`tversky_jax.validation.class_probabilities` (Gaussian-
 blended sliding windows, batches sharded over all local devices, the
 full-resolution accumulators on the host).
 

@@ -51,19 +51,6 @@ def class_probabilities(image: np.ndarray, logits_fn: Callable,
       devices=devices)
 
 
-def lesion_probability(image: np.ndarray, logits_fn: Callable,
-                       config: ml_collections.ConfigDict, window: Sequence[int],
-                       devices: Sequence[jax.Device] | None = None,
-                       progress: bool = False) -> np.ndarray:
-  """``1 - p(background)`` ``[x, y, z]`` of one image, with the sliding
-  window settings of ``config.inference``."""
-  inf = config.inference
-  return 1.0 - class_probabilities(
-      image, logits_fn, window, overlap=inf.overlap,
-      batch_size=inf.batch_size, mirror=inf.mirror, devices=devices,
-      progress=progress)[..., 0]
-
-
 def segment(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
   """uint8 label map ``[x, y, z]`` of class probabilities ``[x, y, z, K]``.
 

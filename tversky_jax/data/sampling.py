@@ -137,29 +137,6 @@ def round_up_shape(shape: Sequence[int], multiple: int | Sequence[int]) -> tuple
   return tuple(-(-int(s) // m) * m for s, m in zip(shape, multiple))  # type: ignore[return-value]
 
 
-def pad_to_multiple(
-    image: np.ndarray, label: np.ndarray | None, multiple: int | Sequence[int]
-) -> tuple[np.ndarray, np.ndarray | None]:
-  """Zero-pads (centred) each spatial axis up to a multiple of `multiple`.
-
-  For whole-volume training or inference with a U-Net of ``depth`` 2x2x2
-  poolings use ``multiple = 2 ** depth``, so every pooling halves an even size
-  and the skip connections line up; with anisotropic poolings use the product
-  of the strides per axis, ``(dx, dy, dz)``.
-
-  Args:
-    image: ``[x, y, z, c]``; padded with 0.
-    label: ``[x, y, z]`` or None; padded with 0.
-    multiple: positive integer, or one per axis ``(dx, dy, dz)``.
-
-  Returns:
-    ``(image, label)`` with spatial size ``i`` a multiple of ``multiple[i]``.
-  """
-  target = round_up_shape(image.shape[:3], multiple)
-  _check_pair(image, label)
-  return _pad(image, label, center_pad_widths(image.shape[:3], target))
-
-
 def check_label_values(label: np.ndarray, num_classes: int) -> None:
   """Raises ValueError if a value of `label` is not a class in ``[0, num_classes)``.
 

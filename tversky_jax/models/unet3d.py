@@ -630,14 +630,6 @@ _max_pool_to_maxima.defvjp(_max_pool_to_maxima_forward,
                            _max_pool_to_maxima_backward)
 
 
-def _max_pool_2x(x: Array) -> Array:
-  """2x2x2 max-pooling, stride 2: ``[b, x, y, z, c] -> [b, x/2, y/2, z/2, c]``.
-
-  ``_max_pool(x, (2, 2, 2))``; sizes must be even.
-  """
-  return _max_pool(x, (2, 2, 2))
-
-
 def _make_norm(
     kind: str, features: int, dtype: Any, rngs: nnx.Rngs
 ) -> nnx.Module | None:
@@ -676,21 +668,6 @@ def conv_transpose_strided(x: Array, kernel: Array) -> Array:
   sx, sy, sz = kernel.shape[:3]
   y = jnp.einsum("bxyzc,ijkcd->bxiyjzkd", x, kernel[::-1, ::-1, ::-1])
   return y.reshape(b, sx * nx, sy * ny, sz * nz, kernel.shape[-1])
-
-
-def conv_transpose_2x(x: Array, kernel: Array) -> Array:
-  """2x2x2 transposed convolution with stride 2, as one einsum.
-
-  ``conv_transpose_strided`` for ``kernel: [2, 2, 2, in, out]``: equals
-  ``lax.conv_transpose(x, kernel, (2, 2, 2), "SAME",
-  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))`` for ``x: [b, x, y, z,
-  in]``; returns ``[b, 2x, 2y, 2z, out]``.
-  """
-  if tuple(kernel.shape[:3]) != (2, 2, 2):
-    raise ValueError(
-        f"conv_transpose_2x needs a [2, 2, 2, in, out] kernel, got shape "
-        f"{kernel.shape}; use conv_transpose_strided.")
-  return conv_transpose_strided(x, kernel)
 
 
 class UpConv(nnx.Module):

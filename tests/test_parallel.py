@@ -139,9 +139,11 @@ def test_real_start_without_peers_ends_with_the_one_line_error():
                           capture_output=True, text=True, timeout=120,
                           check=False)
   assert result.returncode == 1, result.stderr
+  # JAX's C++ runtime may log connection retries in between on some
+  # versions; what counts: our start line, our error line last, no trace.
   lines = result.stderr.splitlines()
   assert lines[0].startswith("Starting JAX's distributed runtime: process 1 "
                              f"of 2, waiting up to 2 s"), result.stderr
-  assert lines[1].startswith("error: JAX's distributed runtime did not "
-                             "start within 2 s"), result.stderr
-  assert len(lines) == 2, result.stderr
+  assert lines[-1].startswith("error: JAX's distributed runtime did not "
+                              "start within 2 s"), result.stderr
+  assert "Traceback" not in result.stderr, result.stderr

@@ -3,6 +3,7 @@
 conftest.py gives four simulated CPU devices.
 """
 
+import argparse
 import contextlib
 import csv
 import io
@@ -465,7 +466,7 @@ def _predict_cli(workdir, root, out, *extra):
   return out_stream.getvalue()
 
 
-def test_predict_uses_the_stored_threshold_and_threshold_overrides(
+def test_threshold_chosen_uses_the_stored_one_and_a_number_overrides(
     run, validated_run, tmp_path, monkeypatch):
   summary = validated_run.summary
   point = summary.operating_point
@@ -476,13 +477,14 @@ def test_predict_uses_the_stored_threshold_and_threshold_overrides(
         validated_run.workdir / "checkpoints", async_save=False,
         best_metric=None)
     predictor = predict.load_predictor(validated_run.workdir,
-                                       checkpoint_name)
+                                       checkpoint_name, threshold="chosen")
     stored = manager.restore_meta(predictor.step)["operating_point"]
     manager.close()
     assert predictor.threshold == stored["threshold"]
   # The CLI (best checkpoint) writes masks at the stored threshold ...
   stored_out = tmp_path / "stored"
-  line = _predict_cli(validated_run.workdir, run.root, stored_out)
+  line = _predict_cli(validated_run.workdir, run.root, stored_out,
+                      "--threshold", "chosen")
   assert (f"at threshold {point.threshold:g} (chosen on 1 validation case "
           f"at step {summary.best_step}, f2 ") in line
   probs = {c: _mask(stored_out / f"{c}_prob.nii.gz") for c in TEST_CASES}
@@ -511,12 +513,14 @@ def test_predict_uses_the_stored_threshold_and_threshold_overrides(
       checkpoint.CheckpointManager, "restore_meta",
       lambda self, step: dict(restore_meta(self, step), operating_point=dict(
           point.to_dict(), threshold=other)))
-  assert predict.load_predictor(validated_run.workdir).threshold == other
+  assert predict.load_predictor(validated_run.workdir,
+                                threshold="chosen").threshold == other
 
 
-def test_a_run_without_a_stored_threshold_predicts_at_the_config_one(
+def test_by_default_predict_uses_the_config_threshold(
     run, validated_run, tmp_path, monkeypatch):
-  # Not validated (or trained before operating points): 0.5.
+  # The chosen threshold is opt-in: a validated run predicts at 0.5 too.
+  assert predict.load_predictor(validated_run.workdir).threshold == 0.5
   line = _predict_cli(run.workdir, run.root, tmp_path / "plain")
   assert "at threshold 0.5 (the config's inference.threshold)" in line
   for case_id in TEST_CASES:
@@ -534,3 +538,15 @@ def test_a_run_without_a_stored_threshold_predicts_at_the_config_one(
   assert predictor.threshold == 0.5
   assert predictor.describe_threshold() == (
       "threshold 0.5 (the config's inference.threshold)")
+  with pytest.raises(predict.PredictError,
+                     match=r"^--threshold chosen: the checkpoint of step \d+ "
+                     "stores no operating point"):
+    predict.load_predictor(validated_run.workdir, threshold="chosen")
+
+
+def test_threshold_flag_takes_a_number_or_chosen():
+  assert predict._threshold_arg("0.3") == 0.3
+  assert predict._threshold_arg("chosen") == "chosen"
+  with pytest.raises(argparse.ArgumentTypeError,
+                     match="expected a number or 'chosen', got 'best'"):
+    predict._threshold_arg("best")

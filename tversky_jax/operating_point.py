@@ -9,7 +9,8 @@ poor. At every validation the trainer therefore also scores the lesion masks
 ``train.best_metric``. It is stored with that validation's checkpoint (the
 ``operating_point`` item of its ``meta``), so every validated checkpoint,
 best or latest, carries the threshold of its own parameters, and
-``tversky-predict`` uses it unless ``--threshold`` is given.
+``tversky-predict --threshold chosen`` uses it (opt-in: on held-out
+cases it helped one task and hurt another, docs/real_data.md).
 
 The metric of each threshold is computed exactly as validation computes it
 (:func:`tversky_jax.validation.segment` for the mask,

@@ -16,11 +16,12 @@ Per case it writes ``CASE.nii.gz``, the uint8 lesion mask
 both on exactly the grid of the case's first channel file (same shape,
 affine, qform/sform codes), so a viewer overlays them on the scan.
 
-The threshold: ``--threshold`` when given; else the one chosen on the
-validation cases during training and stored with the checkpoint (its
-``operating_point``, see :mod:`tversky_jax.operating_point`); else (a
-checkpoint that was not validated, or of a run trained before operating
-points) the saved config's ``inference.threshold``, 0.5 as in the paper.
+The threshold: ``--threshold NUMBER``; ``--threshold chosen``, the one
+chosen on the validation cases during training and stored with the
+checkpoint (its ``operating_point``, see :mod:`tversky_jax.operating_point`);
+by default the saved config's ``inference.threshold``, 0.5 as in the paper.
+The chosen one is opt-in: picked on a few validation cases it helped one
+held-out task and hurt another (docs/real_data.md).
 The summary line says which one it used. Models with more than two classes
 write the most probable class and use no threshold.
 
@@ -307,7 +308,7 @@ def load_predictor(workdir: str | os.PathLike[str],
                    window: Sequence[int] | None = None,
                    overlap: float | None = None, batch_size: int | None = None,
                    mirror: bool | None = None,
-                   threshold: float | None = None) -> Predictor:
+                   threshold: float | str | None = None) -> Predictor:
   """Restores a trained model from ``workdir`` for prediction.
 
   Only the model's variables are read from the checkpoint (see
@@ -328,8 +329,8 @@ def load_predictor(workdir: str | os.PathLike[str],
     devices: local devices to shard the windows over (default all).
     window, overlap, batch_size, mirror: override ``config.inference``
       (see :class:`Predictor`).
-    threshold: overrides the checkpoint's operating point (the threshold
-      chosen on the validation cases), which overrides
+    threshold: a number, or ``"chosen"``: the checkpoint's operating point
+      (the threshold chosen on the validation cases); default
       ``config.inference.threshold``.
 
   Returns:
@@ -394,16 +395,34 @@ def load_predictor(workdir: str | os.PathLike[str],
                    threshold_source=source, devices=devices)
 
 
-def _threshold(given: float | None, meta: dict[str, Any],
+CHOSEN = "chosen"
+
+
+def _threshold_arg(text: str) -> float | str:
+  """``--threshold``: a number or :data:`CHOSEN`."""
+  if text == CHOSEN:
+    return text
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected a number or {CHOSEN!r}, got {text!r}") from None
+
+
+def _threshold(given: float | str | None, meta: dict[str, Any],
                step: int) -> tuple[float | None, str | None]:
-  """(threshold, where it comes from) for :class:`Predictor`: ``given``;
-  else the checkpoint's operating point; else (None, None): the config's."""
-  if given is not None:
+  """(threshold, where it comes from) for :class:`Predictor`: a number as
+  given; for :data:`CHOSEN` the checkpoint's operating point; for None
+  (None, None): the config's."""
+  if given != CHOSEN:
     return given, None
   point = operating_point.OperatingPoint.from_dict(
       meta.get(operating_point.META_KEY))
   if point is None:
-    return None, None
+    raise PredictError(
+        f"--threshold chosen: the checkpoint of step {step} stores no "
+        "operating point (it was not validated, or trained before operating "
+        "points); give a number")
   return point.threshold, (
       f"chosen on {point.cases} validation case"
       f"{'s' if point.cases != 1 else ''} at step {step}, "
@@ -773,11 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "file's name without _0000 and extension)")
   parser.add_argument("--output", required=True, metavar="DIR",
                       help="output folder (created if missing)")
-  parser.add_argument("--threshold", type=float,
-                      help="lesion where probability >= threshold (default: "
-                      "the one chosen on the validation cases during "
-                      "training, stored with the checkpoint; else the saved "
-                      "config's, 0.5)")
+  parser.add_argument("--threshold", type=_threshold_arg,
+                      help="lesion where probability >= threshold: a number, "
+                      "or 'chosen' for the one chosen on the validation cases "
+                      "during training and stored with the checkpoint "
+                      "(default: the saved config's, 0.5)")
   parser.add_argument("--save-probabilities", action="store_true",
                       help="also write CASE_prob.nii.gz (float32)")
   parser.add_argument("--window", type=int, nargs=3, metavar=("X", "Y", "Z"),

@@ -94,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ``workdir/config.json`` and the training curves in
       ``workdir/curves.png``. Each validated checkpoint also stores the
       lesion threshold chosen on the validation cases
-      (:mod:`tversky_jax.operating_point`), which tversky-predict uses.
+      (:mod:`tversky_jax.operating_point`), for ``tversky-predict
+      --threshold chosen``.
     devices: devices of the data-parallel mesh (default: all).
     stop_after: stop (with a checkpoint) after this many steps of this call,
       as if interrupted; for tests and time-boxed jobs.
